@@ -1,0 +1,145 @@
+"""save_pretrained / load_pretrained: config.json + model.safetensors + tokenizer files.
+
+Only parts that cannot be re-fetched by name are saved: always the mapper; the image encoder when it
+has no pretrained tag (random/custom init); the LM when it is fine-tuned or built from an inline
+config. Loading is strict: missing, unexpected or mis-shaped tensors are an error, never a partial load.
+Files are written atomically (temp file, fsync, rename), config.json last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, ModelConfig, from_dict, load_json, to_dict
+
+FORMAT = "captioner"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A saved captioner is missing, incomplete, corrupted or does not match its config."""
+
+
+def saved_parts(config: ModelConfig) -> tuple[str, ...]:
+    parts = ["mapper"]
+    if config.clip_pretrained is None:
+        parts.append("image_encoder")
+    if config.finetune_lm or config.lm_config is not None:
+        parts.append("lm")
+    return tuple(parts)
+
+
+def part_state(model: torch.nn.Module, parts: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """State of the saved parts, tied tensors (e.g. GPT-2 lm_head = wte) kept once under the first name."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        if name.split(".", 1)[0] not in parts:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor
+    return state
+
+
+def resolved_config(model) -> ModelConfig:
+    """The model's config with inline architectures filled in for every saved part, so that loading
+    needs no hub or registry lookup for them."""
+    import open_clip
+
+    config = ModelConfig(**to_dict(model.config))
+    parts = saved_parts(config)
+    if "image_encoder" in parts and config.clip_config is None:
+        from .encoders import resolve_clip_config
+
+        config.clip_config = resolve_clip_config(config) or open_clip.get_model_config(config.clip_model)
+    if "lm" in parts:
+        lm_config = model.lm.config.to_dict()
+        lm_config.pop("loss_type", None)  # runtime field; passing None back only triggers a warning
+        config.lm_config = lm_config
+    return config
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model, tokenizer, directory: str | Path, *, extra: dict | None = None) -> Path:
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = resolved_config(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in part_state(model, saved_parts(config)).items()}
+    tokenizer.save_pretrained(directory)
+    _atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(save(state)))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(config), **(extra or {})}
+    _atomic_write(directory / CONFIG_NAME, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+    return directory
+
+
+def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected a saved captioner with {CONFIG_NAME})")
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; {directory} is not a saved captioner (or it is incomplete)")
+    try:
+        meta = load_json(path)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a captioner config (format={meta.get('format')!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: format_version {meta.get('format_version')!r} is not supported "
+                f"(this captioner reads version {FORMAT_VERSION})"
+            )
+        return from_dict(ModelConfig, meta.get("model"), source=str(path)), meta
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_weights(model, directory: str | Path) -> None:
+    """Strictly load model.safetensors into the saved parts of `model`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable or corrupted ({e})") from None
+    expected = part_state(model, saved_parts(model.config))
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        def show(xs):
+            return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+        problems = [f"{label} {show(xs)}" for label, xs in
+                    (("missing:", missing), ("unexpected:", unexpected), ("shape mismatch:", shapes)) if xs]
+        raise CheckpointError(f"{path} does not match its config.json: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state[name])

@@ -1,0 +1,248 @@
+"""Command line: `captioner train | caption | demo`. The only module that parses arguments.
+
+Flags for config fields are generated from the dataclasses in config.py / training.py (help text and
+defaults live there). Every command is `main(argv)` so tests run it in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from .config import ConfigError, DecodeConfig, ModelConfig, from_dict, load_json
+
+logger = logging.getLogger("captioner")
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------ flags from dataclasses
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _parse_json_arg(text: str):
+    """A dict flag takes inline JSON or a path to a JSON file."""
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"invalid JSON: {e.msg}") from None
+    try:
+        return load_json(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), title=None) -> None:
+    """One flag per field; defaults are SUPPRESSed so only flags given by the user override a config."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if base is bool:
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        elif base is dict:
+            group.add_argument(_flag(f.name), type=_parse_json_arg, default=argparse.SUPPRESS,
+                               metavar="JSON|FILE", help=help_text)
+        else:
+            group.add_argument(_flag(f.name), type=_parse_optional(base) if optional else base,
+                               default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
+    data = dict(base or {})
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name) and not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]):
+            data[f.name] = getattr(args, f.name)
+    return from_dict(cls, data, source="command line")
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_train(args) -> int:
+    from .training import TrainConfig, train
+
+    base = load_json(args.config) if args.config else {}
+    model_base = base.pop("model", {}) if isinstance(base, dict) else {}
+    model = config_from_args(ModelConfig, args, model_base)
+    config = config_from_args(TrainConfig, args, base)
+    config = dataclasses.replace(config, model=model)
+    if not config.data:
+        raise CLIError("--data is required (an imagefolder caption set), or give it in --config")
+    best = train(config, argv=["captioner", *args._argv])
+    print(f"best captioner saved to {best}")
+    return EXIT_OK
+
+
+def cmd_caption(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .api import Captioner
+    from .data import collect_images
+
+    decode = config_from_args(DecodeConfig, args)
+    paths, failures = collect_images(args.images)
+    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    writer, close = _open_output(args.output, args.format, num_captions=decode.num_captions)
+    done = 0
+    try:
+        bar = tqdm(total=len(paths), unit="img", desc="captioning", disable=len(paths) < 2 * args.batch_size)
+        for path, captions, error in captioner.iter_captions(paths, decode=decode, batch_size=args.batch_size):
+            bar.update(1)
+            if error:
+                failures.append(error)
+                continue
+            writer(path, captions)
+            done += 1
+        bar.close()
+    finally:
+        close()
+    if failures:
+        print(f"{len(failures)} input(s) failed:", file=sys.stderr)
+        for line in failures:
+            print(f"  {line}", file=sys.stderr)
+    print(f"captioned {done} image(s), {len(failures)} failed", file=sys.stderr)
+    return EXIT_FAILURES if failures else EXIT_OK
+
+
+def _open_output(output: str | None, fmt: str | None, *, num_captions: int):
+    """A writer(path, captions) for stdout (path<TAB>caption), JSONL or CSV; flushed per line."""
+    if output is None:
+        def write_tsv(path, captions):
+            for c in captions:
+                print(f"{path}\t{c}", flush=True)
+        return write_tsv, lambda: None
+    fmt = fmt or ("csv" if output.endswith(".csv") else "jsonl")
+    f = open(output, "w", newline="", encoding="utf-8")
+    if fmt == "csv":
+        w = csv.writer(f)
+        w.writerow(["image", "caption"] if num_captions == 1 else ["image", "rank", "caption"])
+
+        def write_csv(path, captions):
+            for rank, c in enumerate(captions):
+                w.writerow([path, c] if num_captions == 1 else [path, rank, c])
+            f.flush()
+        return write_csv, f.close
+
+    def write_jsonl(path, captions):
+        row = {"image": path, "caption": captions[0]}
+        if num_captions > 1:
+            row["captions"] = captions
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+    return write_jsonl, f.close
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.output_dir, epochs=args.epochs, n_train=args.n_train, seed=args.seed)
+    print("\nsample test captions (prediction | first reference):")
+    for image, pred, refs in result.samples[:8]:
+        print(f"  {Path(image).name}: {pred!r} | {refs[0]!r}")
+    exact = "COCO-exact (PTB tokenizer)" if result.coco_exact else "NOT COCO-exact (no Java)"
+    print(f"\ntest-split scores, {exact}:")
+    print(f"  {'metric':<10}{'model':>10}{'baseline':>10}")
+    for key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        if key in result.scores:
+            print(f"  {key:<10}{result.scores[key]:>10.4f}{result.baseline.get(key, float('nan')):>10.4f}")
+    print(f"  (baseline: always answering the most frequent training caption {result.baseline_caption!r})")
+    print(f"\nmodel: {result.model_dir}\nreport: {result.report}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .training import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="captioner",
+        description="Image captioning: frozen CLIP encoder -> trainable prefix mapper -> causal LM (GPT-2).",
+        epilog="Run 'captioner COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("caption", help="caption images with a saved captioner",
+                       description="Caption image files, folders (recursive) and globs. Prints "
+                                   "path<TAB>caption, or writes JSONL/CSV with --output. Unreadable inputs are "
+                                   "listed at the end and make the exit code 1.")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns (quote globs)")
+    p.add_argument("--model", required=True, help="directory of a saved captioner (config.json + model.safetensors)")
+    p.add_argument("--output", "-o", help="write results to this file (.jsonl or .csv) instead of stdout")
+    p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: from the file extension)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
+    add_dataclass_flags(p, DecodeConfig, title="decoding")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("train", help="train a captioner on a caption set",
+                       description="Train the mapper (and optionally the LM) on an imagefolder caption set. "
+                                   "Flags override values from --config.")
+    p.add_argument("--config", help="JSON file with TrainConfig fields (and a nested 'model' object)")
+    add_dataclass_flags(p, TrainConfig, title="training")
+    add_dataclass_flags(p, ModelConfig, title="model")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="offline demo: generate shapes, train a tiny captioner, caption and score",
+                       description="Runs the whole job offline on generated data: a shapes caption set, a tiny "
+                                   "open_clip encoder, a tiny GPT-2 with a tokenizer trained on the captions, "
+                                   "training on CPU, captions for the test split, BLEU-4/CIDEr and an HTML "
+                                   "gallery.")
+    p.add_argument("--output-dir", default="demo_out", help="where data, model and report go (default: demo_out)")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
+    p.add_argument("--n-train", type=int, default=600, help="training images (default: 600)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .encoders import ModelLoadError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args._argv = argv
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        return args.func(args)
+    except (CLIError, ConfigError, CheckpointError, DataError, ModelLoadError) as e:
+        print(f"captioner {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE

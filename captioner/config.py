@@ -1,0 +1,181 @@
+"""Configuration dataclasses: every field is documented once, here.
+
+`ModelConfig` holds everything needed to rebuild a captioning model and is saved as
+`config.json` next to `model.safetensors`. `DecodeConfig` groups the decoding options.
+CLI flags are generated from these dataclasses (see `cli.py`), so defaults live only here.
+Unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is malformed (unknown key, wrong type, bad value)."""
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a captioner: frozen image encoder -> mapper -> causal LM."""
+
+    clip_model: str = _doc(
+        "open_clip architecture name (e.g. ViT-B-32, RN50). Ignored when clip_config is set.",
+        default="ViT-B-32",
+    )
+    clip_pretrained: str | None = _doc(
+        "open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k) or a local checkpoint file; "
+        "None means random init (the weights are then saved with the captioner).",
+        default="openai",
+    )
+    clip_config: dict | None = _doc(
+        "Inline open_clip model config ({embed_dim, vision_cfg, ...}) for custom or tiny encoders; "
+        "overrides clip_model. Written automatically when the encoder weights are saved.",
+        default=None,
+    )
+    lm: str = _doc(
+        "Causal LM: a Hugging Face hub id (gpt2, distilgpt2, facebook/opt-125m) or a local directory.",
+        default="gpt2",
+    )
+    lm_config: dict | None = _doc(
+        "Inline transformers config dict to build the LM from scratch (random init), e.g. a tiny "
+        "GPT-2; overrides loading weights from lm. Written automatically when the LM is saved.",
+        default=None,
+    )
+    tokenizer: str | None = _doc(
+        "Tokenizer hub id or directory; default: same as lm. A saved captioner keeps its own copy.",
+        default=None,
+    )
+    finetune_lm: bool = _doc("Train the LM together with the mapper (else the LM is frozen).", default=False)
+    mapper: str = _doc("Mapping network: 'mlp' (ClipCap MLP) or 'transformer' (learned queries + layers).",
+                       default="mlp")
+    prefix_length: int = _doc("Number of prefix embeddings the mapper feeds the LM.", default=10)
+    mlp_hidden: int | None = _doc("MLP hidden width; default (lm_width * prefix_length) // 2.", default=None)
+    mapper_layers: int = _doc("Transformer mapper: number of layers.", default=8)
+    mapper_heads: int = _doc("Transformer mapper: attention heads (must divide the LM width).", default=8)
+    clip_length: int = _doc(
+        "Transformer mapper: number of tokens the image feature is projected into before the layers.",
+        default=10,
+    )
+    standardize_features: bool = _doc(
+        "Standardise image features per dimension with mean/std estimated on the training images "
+        "(stored with the mapper) before the mapping network.",
+        default=True,
+    )
+    prompt: str = _doc("Text placed after the prefix in training and decoding, e.g. 'A photo of'.",
+                       default="")
+
+    def __post_init__(self) -> None:
+        if self.mapper not in ("mlp", "transformer"):
+            raise ConfigError(f"mapper must be 'mlp' or 'transformer', got {self.mapper!r}")
+        for name in ("prefix_length", "mapper_layers", "mapper_heads", "clip_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DecodeConfig:
+    """How captions are generated from the prefix."""
+
+    strategy: str = _doc("Decoding strategy: greedy, beam or sample (nucleus).", default="beam")
+    num_beams: int = _doc("Beam search: beams per image.", default=5)
+    length_penalty: float = _doc(
+        "Beam search: hypothesis score = sum log p / length ** length_penalty (>0 favours longer).",
+        default=1.0,
+    )
+    num_captions: int = _doc(
+        "Captions returned per image (beam: <= num_beams best hypotheses; sample: independent draws).",
+        default=1,
+    )
+    max_new_tokens: int = _doc("Maximum number of generated tokens per caption (EOS included).", default=30)
+    top_p: float = _doc("Sampling: nucleus probability mass kept (1.0 disables).", default=0.9)
+    top_k: int = _doc("Sampling: keep only the k most likely tokens (0 disables).", default=0)
+    temperature: float = _doc("Sampling: logits are divided by this.", default=1.0)
+    seed: int | None = _doc("Sampling: random seed for reproducible captions.", default=None)
+    use_cache: bool = _doc("Reuse attention keys/values between steps (KV cache). Off only for debugging.",
+                           default=True)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "beam", "sample"):
+            raise ConfigError(f"strategy must be greedy, beam or sample, got {self.strategy!r}")
+        if self.num_beams < 1 or self.num_captions < 1 or self.max_new_tokens < 1:
+            raise ConfigError("num_beams, num_captions and max_new_tokens must be >= 1")
+        if self.strategy == "beam" and self.num_captions > self.num_beams:
+            raise ConfigError(f"num_captions ({self.num_captions}) cannot exceed num_beams ({self.num_beams})")
+        if self.strategy == "greedy" and self.num_captions != 1:
+            raise ConfigError("greedy decoding returns one caption per image; use beam or sample")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+# --------------------------------------------------------------------------- JSON helpers
+
+
+def _check_type(cls: type, name: str, value: Any, hint: Any) -> None:
+    """Minimal runtime type check for the simple field types used in our configs."""
+    origin = typing.get_origin(hint)
+    allowed = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType")) else (hint,)
+    for t in allowed:
+        if t is type(None) and value is None:
+            return
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if t in (str, bool, dict, list) and isinstance(value, t):
+            return
+        if typing.get_origin(t) in (dict, list) and isinstance(value, typing.get_origin(t)):
+            return
+    names = ", ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{cls.__name__}.{name}: expected {names}, got {type(value).__name__} ({value!r})")
+
+
+def from_dict(cls: type, data: dict, *, source: str = "config") -> Any:
+    """Build dataclass `cls` from a dict; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown {cls.__name__} key(s): {', '.join(unknown)}")
+    for key, value in data.items():
+        _check_type(cls, key, value, hints[key])
+    try:
+        return cls(**data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def save_json(obj: Any, path: str | Path, **extra: Any) -> None:
+    data = {**extra, **to_dict(obj)}
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def load_json(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None

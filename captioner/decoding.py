@@ -1,0 +1,191 @@
+"""Decoding: batched greedy, beam search and nucleus sampling over a prefix of LM embeddings.
+
+The search code talks to the LM only through a small `Stepper` interface (prefill a prefix, step one
+token, select/reorder rows), so it is tested against a mock with scripted logits and runs with or
+without the KV cache. Beams are folded into the batch: the LM always sees (B * beams) rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import DecodeConfig
+
+
+class Stepper(Protocol):
+    def prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """embeds (B, Q, D) -> next-token logits (B, V) and a state."""
+
+    def step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """tokens (B,) appended to each row -> next-token logits (B, V) and the new state."""
+
+    def select(self, state: Any, index: torch.Tensor) -> Any:
+        """Keep/reorder/duplicate rows: row i of the result is row index[i] of state."""
+
+
+class LMStepper:
+    """Stepper over a transformers causal LM. With use_cache the keys/values of earlier positions are
+    reused (one token per step); without it the whole sequence is recomputed every step."""
+
+    def __init__(self, lm: torch.nn.Module, *, use_cache: bool = True):
+        self.lm, self.use_cache = lm, use_cache
+        self.embed = lm.get_input_embeddings()
+        # transformers renamed past_key_values -> cache (5.2x); accept both.
+        self.cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+    def _cached(self, **kwargs):
+        out = self.lm(use_cache=True, **kwargs)
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        return out.logits[:, -1].float(), cache
+
+    def prefill(self, embeds):
+        if self.use_cache:
+            return self._cached(inputs_embeds=embeds, logits_to_keep=1)
+        return self._full(embeds)
+
+    def step(self, tokens, state):
+        if self.use_cache:
+            return self._cached(input_ids=tokens[:, None], **{self.cache_kw: state})
+        return self._full(torch.cat([state, self.embed(tokens)[:, None]], dim=1))
+
+    def _full(self, embeds):
+        out = self.lm(inputs_embeds=embeds, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1].float(), embeds
+
+    def select(self, state, index):
+        if self.use_cache:
+            state.reorder_cache(index)  # in-place index_select on the batch dim of every layer
+            return state
+        return state.index_select(0, index)
+
+
+@dataclass
+class Generated:
+    tokens: torch.Tensor  # (B, N, T) generated ids, EOS kept, then pad
+    scores: torch.Tensor  # (B, N) beam: length-normalised log-prob; greedy/sample: sum of log-probs
+
+
+def generate(stepper: Stepper, embeds: torch.Tensor, decode: DecodeConfig, *, eos_id: int, pad_id: int
+             ) -> Generated:
+    """Run the decode strategy for a batch of prefixes embeds (B, Q, D)."""
+    if decode.strategy == "beam":
+        return beam_search(stepper, embeds, num_beams=decode.num_beams, num_return=decode.num_captions,
+                           length_penalty=decode.length_penalty, max_new_tokens=decode.max_new_tokens,
+                           eos_id=eos_id, pad_id=pad_id)
+    n = decode.num_captions if decode.strategy == "sample" else 1
+    if n > 1:
+        embeds = embeds.repeat_interleave(n, dim=0)  # (B * N, Q, D): independent draws per image
+    generator = None
+    if decode.strategy == "sample" and decode.seed is not None:
+        generator = torch.Generator(device=embeds.device).manual_seed(decode.seed)
+    sampler = None
+    if decode.strategy == "sample":
+        def sampler(logits):
+            return sample_token(logits, temperature=decode.temperature, top_k=decode.top_k,
+                                top_p=decode.top_p, generator=generator)
+    tokens, scores = _left_to_right(stepper, embeds, max_new_tokens=decode.max_new_tokens, eos_id=eos_id,
+                                    pad_id=pad_id, choose=sampler)
+    b = tokens.shape[0] // n
+    return Generated(tokens=tokens.view(b, n, -1), scores=scores.view(b, n))
+
+
+def _left_to_right(stepper, embeds, *, max_new_tokens, eos_id, pad_id, choose=None):
+    """Greedy (choose=None) or sampled decoding; finished rows emit pad."""
+    logits, state = stepper.prefill(embeds)  # (B, V)
+    b = logits.shape[0]
+    done = torch.zeros(b, dtype=torch.bool, device=logits.device)
+    scores = torch.zeros(b, device=logits.device)
+    out = []
+    for t in range(max_new_tokens):
+        token = logits.argmax(-1) if choose is None else choose(logits)  # (B,)
+        logp = torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1)
+        scores += torch.where(done, 0.0, logp)
+        token = token.masked_fill(done, pad_id)
+        out.append(token)
+        done |= token == eos_id
+        if done.all() or t == max_new_tokens - 1:
+            break
+        logits, state = stepper.step(token, state)
+    return torch.stack(out, dim=1), scores  # (B, T), (B,)
+
+
+def sample_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample one token per row from logits (B, V) after temperature, top-k and nucleus filtering."""
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (always the top one).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_return: int = 1,
+                length_penalty: float = 1.0, max_new_tokens: int = 30, eos_id: int, pad_id: int) -> Generated:
+    """Batched beam search with the beams folded into the batch.
+
+    A hypothesis ends when a beam in the top `num_beams` candidates emits EOS; its score is
+    sum log p / length ** length_penalty (length counts EOS). An image is done when it holds num_beams
+    finished hypotheses and its best running beam cannot beat the worst of them (the usual heuristic).
+    """
+    k, big = num_beams, float("-inf")
+    logits, state = stepper.prefill(embeds)  # (B, V)
+    b, v = logits.shape
+    dev = logits.device
+    rows = torch.arange(b, device=dev)
+    state = stepper.select(state, rows.repeat_interleave(k))  # (B * K) rows
+    logp = torch.log_softmax(logits, dim=-1).repeat_interleave(k, dim=0)  # (B * K, V)
+    beam_scores = torch.full((b, k), big, device=dev)
+    beam_scores[:, 0] = 0.0  # all beams start identical: expand from the first one only
+    seqs = torch.empty((b * k, 0), dtype=torch.long, device=dev)
+    fin_scores = torch.full((b, k), big, device=dev)  # sorted descending
+    fin_seqs = torch.full((b, k, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    rank = torch.arange(2 * k, device=dev)
+
+    def padded(s):  # (..., t) -> (..., max_new_tokens)
+        return F.pad(s, (0, max_new_tokens - s.shape[-1]), value=pad_id)
+
+    def merge(scores, cand_seqs):  # keep the k best of finished + candidates, per image
+        nonlocal fin_scores, fin_seqs
+        all_scores = torch.cat([fin_scores, scores], dim=1)
+        all_seqs = torch.cat([fin_seqs, cand_seqs], dim=1)
+        fin_scores, idx = all_scores.topk(k, dim=1)
+        fin_seqs = all_seqs.gather(1, idx[..., None].expand(-1, -1, max_new_tokens))
+
+    for t in range(max_new_tokens):
+        length = float(t + 1) ** length_penalty
+        cand = (beam_scores.view(-1, 1) + logp).view(b, k * v)
+        top_scores, top_idx = cand.topk(min(2 * k, k * v), dim=1)  # (B, 2K)
+        src_beam, token = top_idx // v, top_idx % v
+        src_rows = rows[:, None] * k + src_beam  # (B, 2K) row in the (B * K) batch
+        cand_seqs = torch.cat([seqs[src_rows.view(-1)], token.view(-1, 1)], dim=1).view(b, -1, t + 1)
+        is_eos = token == eos_id
+        ends = is_eos & (rank[: token.shape[1]] < k) & ~done[:, None]
+        merge(torch.where(ends, top_scores / length, big), padded(cand_seqs))
+        # Running beams: the k best candidates that did not end.
+        beam_scores, keep = torch.where(is_eos, big, top_scores).topk(k, dim=1)  # (B, K)
+        picked = src_rows.gather(1, keep).view(-1)  # (B * K,)
+        seqs = cand_seqs.gather(1, keep[..., None].expand(-1, -1, t + 1)).view(b * k, t + 1)
+        done |= (fin_scores[:, -1] > big) & (beam_scores[:, 0] / length <= fin_scores[:, -1])
+        if done.all() or t == max_new_tokens - 1:
+            break
+        state = stepper.select(state, picked)
+        logits, state = stepper.step(seqs[:, -1], state)
+        logp = torch.log_softmax(logits, dim=-1)
+    # Images not done by the token limit keep their running beams as (unterminated) hypotheses.
+    open_scores = torch.where(done[:, None], big, beam_scores / float(t + 1) ** length_penalty)
+    merge(open_scores, padded(seqs.view(b, k, -1)))
+    return Generated(tokens=fin_seqs[:, :num_return], scores=fin_scores[:, :num_return])
