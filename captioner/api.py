@@ -43,7 +43,7 @@ class Captioner:
         """A new (untrained mapper) captioner; pretrained parts are fetched by name."""
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config)
         model = CaptionModel.from_config(config, prompt_ids=encode_prompt(tokenizer, config.prompt))
-        return cls(model, tokenizer, device=device)
+        return cls(model.eval(), tokenizer, device=device)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device=None) -> "Captioner":

@@ -7,8 +7,11 @@ explaining how to use a local path instead.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -35,10 +38,39 @@ class ModelLoadError(RuntimeError):
 
 
 OFFLINE_HINT = (
-    "If this machine is offline, download it once where there is internet and pass the local path "
-    "instead (an open_clip checkpoint file for --clip-pretrained, a directory saved with "
-    "save_pretrained for --lm/--tokenizer), or set HF_HUB_OFFLINE=1 to use the local cache."
+    "Offline, use a local path instead: an open_clip checkpoint file for --clip-pretrained (with "
+    "--clip-model or --clip-config), a directory written by save_pretrained for --lm / --tokenizer; "
+    "or load it once on a machine with internet so it is in the Hugging Face cache."
 )
+
+
+HUB_HOST = "huggingface.co"
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers; when it does not, loading by name uses the local cache
+    only, so an offline machine fails in seconds instead of minutes of download retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Make huggingface_hub use its local cache only (for libraries without a local_files_only flag)."""
+    import huggingface_hub.constants as hub_constants
+
+    old = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = old
 
 
 class ImageEncoder(nn.Module):
@@ -96,12 +128,15 @@ def build_image_encoder(config: ModelConfig, *, load_weights: bool = True) -> Im
             _load_visual_checkpoint(visual, config.clip_pretrained)
     else:
         pretrained = config.clip_pretrained if load_weights else None
+        offline = bool(pretrained) and not os.path.exists(pretrained) and not hub_reachable()
         try:
-            model = open_clip.create_model(config.clip_model, pretrained=pretrained)
+            with _hub_offline() if offline else contextlib.nullcontext():
+                model = open_clip.create_model(config.clip_model, pretrained=pretrained)
         except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for unknown or unreachable weights
+            why = "the hub is unreachable and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
             raise ModelLoadError(
                 f"could not load open_clip model {config.clip_model!r} with pretrained {pretrained!r}: "
-                f"{type(e).__name__}: {e}. {OFFLINE_HINT}"
+                f"{why}. {OFFLINE_HINT}"
             ) from None
         visual = model.visual
         pre = dict(getattr(visual, "preprocess_cfg", {}) or {})
@@ -145,12 +180,10 @@ def build_lm(config: ModelConfig, *, load_weights: bool = True) -> nn.Module:
                 raise ConfigError("lm_config needs a 'model_type' key (e.g. 'gpt2')")
             lm_cfg = AutoConfig.for_model(model_type, **d)
         else:
-            lm_cfg = _call_hub(lambda: AutoConfig.from_pretrained(config.lm), "LM config", config.lm)
+            lm_cfg = _call_hub(AutoConfig.from_pretrained, "LM config", config.lm)
         lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
     else:
-        lm = _call_hub(
-            lambda: AutoModelForCausalLM.from_pretrained(config.lm, attn_implementation="sdpa"), "LM", config.lm
-        )
+        lm = _call_hub(AutoModelForCausalLM.from_pretrained, "LM", config.lm, attn_implementation="sdpa")
     return lm
 
 
@@ -159,15 +192,19 @@ def build_tokenizer(config: ModelConfig, directory: str | Path | None = None):
     from transformers import AutoTokenizer
 
     name = str(directory) if directory is not None else (config.tokenizer or config.lm)
-    tok = _call_hub(lambda: AutoTokenizer.from_pretrained(name), "tokenizer", name)
+    tok = _call_hub(AutoTokenizer.from_pretrained, "tokenizer", name)
     if tok.eos_token_id is None:
         raise ModelLoadError(f"tokenizer {name!r} has no EOS token; captions need one to end")
     return tok
 
 
-def _call_hub(fn: Callable, what: str, name: str):
+def _call_hub(load: Callable, what: str, name: str, **kwargs):
+    """Call a transformers from_pretrained; offline, only the local cache is tried."""
+    local = lm_source_is_local(name)
+    offline = not local and not hub_reachable()
     try:
-        return fn()
+        return load(name, local_files_only=offline, **kwargs)
     except (OSError, ValueError) as e:
-        where = "local directory" if lm_source_is_local(name) else "hub id"
-        raise ModelLoadError(f"could not load {what} {name!r} ({where}): {e}. {OFFLINE_HINT}") from None
+        where = "local directory" if local else "hub id"
+        why = "the hub is unreachable and it is not in the local cache" if offline else str(e)
+        raise ModelLoadError(f"could not load {what} {name!r} ({where}): {why}. {OFFLINE_HINT}") from None
