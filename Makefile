@@ -1,0 +1,25 @@
+# Two commands work on a fresh machine:  make demo  (offline demo)  and  make test  (the test suite).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, by exact version: pip takes it from the local wheel cache where one exists.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/captioner demo --output-dir demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf demo_out runs .pytest_cache

@@ -1,0 +1,65 @@
+"""Config: unknown keys and wrong types are errors; CLI flags come from the dataclasses."""
+
+import json
+
+import pytest
+
+from captioner.config import ConfigError, DecodeConfig, ModelConfig, from_dict, load_json, to_dict
+
+
+def test_round_trip_and_unknown_keys():
+    cfg = ModelConfig(mapper="transformer", prefix_length=7, prompt="A photo of")
+    assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown ModelConfig key.*mappr"):
+        from_dict(ModelConfig, {"mappr": "mlp"})
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"prefix_length": "10"}, "prefix_length: expected int"),
+    ({"finetune_lm": 1}, "finetune_lm: expected bool"),
+    ({"clip_config": [1]}, "clip_config: expected dict"),
+    ({"mapper": "lstm"}, "mapper must be"),
+    ({"prefix_length": 0}, "prefix_length must be >= 1"),
+])
+def test_bad_model_values(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(ModelConfig, data)
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"strategy": "topk"}, "strategy must be"),
+    ({"num_beams": 2, "num_captions": 3}, "cannot exceed num_beams"),
+    ({"strategy": "greedy", "num_captions": 2}, "greedy decoding returns one"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"temperature": 0}, "temperature"),
+])
+def test_bad_decode_values(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(DecodeConfig, data)
+
+
+def test_load_json_errors_name_the_file(tmp_path):
+    bad = tmp_path / "c.json"
+    bad.write_text('{"a": 1,\n "b": }')
+    with pytest.raises(ConfigError, match=r"c\.json: invalid JSON at line 2"):
+        load_json(bad)
+    bad.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        load_json(bad)
+
+
+def test_train_config_file_with_cli_overrides(tmp_path, monkeypatch):
+    """--config supplies values; explicit flags override them; unknown keys in the file are errors."""
+    import captioner.training as training
+    from captioner.cli import main
+
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda config, **kw: seen.setdefault("cfg", config) and tmp_path)
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"data": "somewhere", "epochs": 3, "lr": 0.1, "model": {"prefix_length": 5}}))
+    assert main(["train", "--config", str(path), "--lr", "0.01", "--mapper", "transformer"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.data, cfg.epochs, cfg.lr) == ("somewhere", 3, 0.01)
+    assert (cfg.model.prefix_length, cfg.model.mapper) == (5, "transformer")
+    path.write_text(json.dumps({"data": "x", "epoch": 3}))
+    assert main(["train", "--config", str(path)]) == 2
