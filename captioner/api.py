@@ -17,13 +17,25 @@ from PIL import Image
 
 from . import checkpoint
 from .config import DecodeConfig, ModelConfig
-from .data import ImageError, load_image
+from .data import CaptionExample, ImageError, load_image
 from .decoding import LMStepper, generate
 from .encoders import build_tokenizer
 from .model import CaptionModel
 from .tokens import decode_ids, encode_prompt, pad_id
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Corpus and per-image scores of a captioner on a caption set, with its predictions."""
+
+    corpus: dict[str, float]
+    per_image: dict[str, dict[str, float]]
+    predictions: dict[str, str]
+    examples: list[CaptionExample]
+    coco_exact: bool
+    skipped: list[str]  # metrics not computed, and why; images that could not be read
 
 
 def default_device() -> torch.device:
@@ -116,3 +128,48 @@ class Captioner:
                                 if loaded else []))
             for p in chunk:
                 yield (p, None, failed[p]) if p in failed else (p, captions[p], None)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, examples: Sequence[CaptionExample], *, decode: DecodeConfig | None = None,
+                 batch_size: int = 32, metrics: Sequence[str] = ("BLEU", "METEOR", "ROUGE_L", "CIDEr"),
+                 clip_scorer=None) -> EvalResult:
+        """Caption every example's image and score against its references (COCO caption metrics, plus
+        CLIPScore / RefCLIPScore when a `clipscore.CLIPScorer` is given). Unreadable images are left
+        out of the scores and listed in `skipped`."""
+        from .metrics import score_captions
+
+        decode = decode or DecodeConfig()
+        by_path = {}
+        for ex in examples:
+            by_path.setdefault(ex.image, []).append(ex)
+        predictions, skipped = {}, []
+        paths = list(by_path)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(paths), unit="img", desc="captioning", disable=len(paths) < 2 * batch_size) as bar:
+            for path, captions, error in self.iter_captions(paths, decode=decode, batch_size=batch_size):
+                bar.update(1)
+                if error:
+                    skipped.append(f"image skipped: {error}")
+                    continue
+                for ex in by_path[path]:
+                    predictions[ex.image_id] = captions[0]
+        kept = [ex for ex in examples if ex.image_id in predictions]
+        if not kept:
+            raise ImageError("no image of the caption set could be read: " + "; ".join(skipped[:3]))
+        scores = score_captions(predictions, {ex.image_id: ex.captions for ex in kept}, metrics=metrics)
+        corpus, per_image = dict(scores.corpus), {k: dict(v) for k, v in scores.per_image.items()}
+        if clip_scorer is not None:
+            sums: dict[str, float] = {}
+            for start in range(0, len(kept), batch_size):
+                chunk = kept[start:start + batch_size]
+                out = clip_scorer.score([load_image(ex.image) for ex in chunk],
+                                        [predictions[ex.image_id] for ex in chunk], [ex.captions for ex in chunk])
+                for ex, row in zip(chunk, out["per_image"]):
+                    per_image[ex.image_id].update(row)
+                    for k, v in row.items():
+                        sums[k] = sums.get(k, 0.0) + v
+            corpus.update({k: v / len(kept) for k, v in sums.items()})
+        return EvalResult(corpus=corpus, per_image=per_image, predictions=predictions, examples=kept,
+                          coco_exact=scores.coco_exact, skipped=[*scores.skipped, *skipped])

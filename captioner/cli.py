@@ -164,6 +164,96 @@ def _open_output(output: str | None, fmt: str | None, *, num_captions: int):
     return write_jsonl, f.close
 
 
+SCORE_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIPScore",
+               "RefCLIPScore")
+
+
+def print_scores(corpus: dict, *, coco_exact: bool, skipped=(), columns: dict | None = None) -> None:
+    """A metrics table: one row per metric, one column per system (default: a single 'score' column)."""
+    columns = columns or {"score": corpus}
+    exact = "COCO-exact (PTB tokenizer)" if coco_exact else "NOT COCO-exact (no Java: pure-Python tokenizer)"
+    print(f"scores, {exact}:")
+    print(f"  {'metric':<14}" + "".join(f"{name:>12}" for name in columns))
+    for key in [k for k in SCORE_ORDER if k in corpus] + [k for k in corpus if k not in SCORE_ORDER]:
+        print(f"  {key:<14}" + "".join(f"{col.get(key, float('nan')):>12.4f}" for col in columns.values()))
+    for line in skipped:
+        print(f"  note: {line}")
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _clip_scorer(args, captioner):
+    """CLIPScore model: --clip-score-model if given, else the captioner's own CLIP when it is a named
+    pretrained one; otherwise None with a note (a random or custom encoder has no trained text tower)."""
+    from .clipscore import CLIPScorer
+
+    if args.no_clip_score:
+        return None, None
+    if args.clip_score_model:
+        return CLIPScorer.from_open_clip(args.clip_score_model, args.clip_score_pretrained,
+                                         device=captioner.device), None
+    cfg = captioner.config
+    if cfg.clip_config is None and cfg.clip_pretrained:
+        return CLIPScorer.from_open_clip(cfg.clip_model, cfg.clip_pretrained, device=captioner.device), None
+    return None, ("CLIPScore skipped: the captioner's image encoder has no pretrained CLIP text tower; "
+                  "pass --clip-score-model NAME --clip-score-pretrained TAG")
+
+
+def cmd_eval(args) -> int:
+    from .api import Captioner
+    from .data import load_caption_set
+    from .report import write_report
+
+    decode = config_from_args(DecodeConfig, args)
+    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    examples, _ = load_caption_set(args.data, args.split, strict=args.strict)
+    if args.limit:
+        examples = examples[: args.limit]
+    scorer, note = _clip_scorer(args, captioner)
+    metrics = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", *(("SPICE",) if args.spice else ()))
+    result = captioner.evaluate(examples, decode=decode, batch_size=args.batch_size, metrics=metrics,
+                                clip_scorer=scorer)
+    skipped = [*result.skipped, *([note] if note else [])]
+    print(f"{args.model} on {args.data} [{args.split}], {len(result.examples)} images:")
+    print_scores(result.corpus, coco_exact=result.coco_exact, skipped=skipped)
+    if args.output_dir:
+        out = Path(args.output_dir)
+        _write_json(out / "scores.json", {"model": args.model, "data": args.data, "split": args.split,
+                                          "decode": dataclasses.asdict(decode), "corpus": result.corpus,
+                                          "coco_exact": result.coco_exact, "skipped": skipped,
+                                          "per_image": result.per_image})
+        _write_json(out / "predictions.json",
+                    [{"image_id": k, "caption": v} for k, v in result.predictions.items()])
+        items = [{"image": ex.image, "id": ex.image_id, "prediction": result.predictions[ex.image_id],
+                  "references": ex.captions, "scores": result.per_image[ex.image_id]} for ex in result.examples]
+        report = write_report(out / "report.html", items, title=f"captioner eval: {args.data} [{args.split}]",
+                              corpus=result.corpus)
+        print(f"wrote {out / 'scores.json'}, {out / 'predictions.json'} (COCO results format) and {report}")
+    return EXIT_OK
+
+
+def cmd_score(args) -> int:
+    from .data import load_references, match_prediction_ids, read_predictions
+    from .metrics import score_captions
+
+    references = load_references(args.references, split=args.split)
+    predictions = match_prediction_ids(read_predictions(args.predictions), references, source=args.predictions)
+    metrics = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", *(("SPICE",) if args.spice else ()))
+    scores = score_captions(predictions, {k: references[k] for k in predictions}, metrics=metrics)
+    print(f"{args.predictions} against {args.references}, {len(predictions)} images:")
+    print_scores(scores.corpus, coco_exact=scores.coco_exact, skipped=scores.skipped)
+    if args.output:
+        _write_json(Path(args.output), {"predictions": args.predictions, "references": args.references,
+                                        "corpus": scores.corpus, "coco_exact": scores.coco_exact,
+                                        "skipped": scores.skipped,
+                                        "per_image": {str(k): v for k, v in scores.per_image.items()}})
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -171,13 +261,11 @@ def cmd_demo(args) -> int:
     print("\nsample test captions (prediction | first reference):")
     for image, pred, refs in result.samples[:8]:
         print(f"  {Path(image).name}: {pred!r} | {refs[0]!r}")
-    exact = "COCO-exact (PTB tokenizer)" if result.coco_exact else "NOT COCO-exact (no Java)"
-    print(f"\ntest-split scores, {exact}:")
-    print(f"  {'metric':<10}{'model':>10}{'baseline':>10}")
-    for key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
-        if key in result.scores:
-            print(f"  {key:<10}{result.scores[key]:>10.4f}{result.baseline.get(key, float('nan')):>10.4f}")
-    print(f"  (baseline: always answering the most frequent training caption {result.baseline_caption!r})")
+    print("\ntest split, ", end="")
+    print_scores(result.scores, coco_exact=result.coco_exact,
+                 columns={"model": result.scores, "baseline": result.baseline},
+                 skipped=[f"baseline: always answering the most frequent training caption "
+                          f"{result.baseline_caption!r}"])
     print(f"\nmodel: {result.model_dir}\nreport: {result.report}")
     return EXIT_OK
 
@@ -209,6 +297,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, DecodeConfig, title="decoding")
     p.set_defaults(func=cmd_caption)
 
+    p = sub.add_parser("eval", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr, CLIPScore)",
+                       description="Caption every image of a caption set split with a saved captioner and "
+                                   "score the captions as the COCO caption evaluation does (pycocoevalcap, PTB "
+                                   "tokenizer), plus CLIPScore/RefCLIPScore. Writes scores.json, "
+                                   "predictions.json and an HTML report with --output-dir.")
+    p.add_argument("--model", required=True, help="directory of a saved captioner")
+    p.add_argument("--data", required=True, help="caption set: imagefolder directory, COCO captions JSON, "
+                                                 "Karpathy split JSON, or a CSV/TSV/JSONL table")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--strict", action="store_true", help="malformed rows in the caption set are errors")
+    p.add_argument("--output-dir", help="write scores.json, predictions.json and report.html here")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")
+    p.add_argument("--clip-score-model", help="open_clip model for CLIPScore (default: the captioner's own "
+                                              "CLIP when it is a named pretrained one)")
+    p.add_argument("--clip-score-pretrained", default="openai", help="pretrained tag or file for "
+                                                                       "--clip-score-model (default: openai)")
+    p.add_argument("--no-clip-score", action="store_true", help="skip CLIPScore")
+    add_dataclass_flags(p, DecodeConfig, title="decoding")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="score any system's captions against references",
+                       description="Score predicted captions against references with the COCO caption "
+                                   "metrics. Predictions: COCO results JSON [{image_id, caption}], JSONL or CSV "
+                                   "(our caption output works as is). References: COCO captions JSON, Karpathy "
+                                   "split JSON, an imagefolder directory, or a CSV/TSV/JSONL table.")
+    p.add_argument("--predictions", required=True, help="predicted captions file")
+    p.add_argument("--references", required=True, help="reference captions file or imagefolder directory")
+    p.add_argument("--split", default="test", help="split of a Karpathy file or imagefolder (default: test)")
+    p.add_argument("--output", "-o", help="write corpus and per-image scores to this JSON file")
+    p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")
+    p.set_defaults(func=cmd_score)
+
     p = sub.add_parser("train", help="train a captioner on a caption set",
                        description="Train the mapper (and optionally the LM) on an imagefolder caption set. "
                                    "Flags override values from --config.")
@@ -232,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
-    from .data import DataError
+    from .data import DataError, ImageError
     from .encoders import ModelLoadError
+    from .metrics import MetricsError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -243,6 +367,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         return args.func(args)
-    except (CLIError, ConfigError, CheckpointError, DataError, ModelLoadError) as e:
+    except (CLIError, ConfigError, CheckpointError, DataError, ImageError, ModelLoadError, MetricsError) as e:
         print(f"captioner {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -2,17 +2,24 @@
 
 A caption set is a list of `CaptionExample` (image id, image path, reference captions). Readers report
 problem rows with file and line, skip them and count them; `strict=True` makes them errors.
+
+Formats: HF imagefolder (`read_imagefolder`), COCO captions JSON (`read_coco_captions`), Karpathy split
+JSON (`read_karpathy`), CSV/TSV/JSONL tables (`read_caption_table`); `load_caption_set` picks one by path.
+For scoring: `load_references` ({image id: [captions]}) and `read_predictions` ({image id: caption}).
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import glob
+import io
 import json
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Sequence
+from pathlib import Path, PurePath
+from typing import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -171,3 +178,609 @@ def read_imagefolder(root: str | Path, split: str | None = None, *, strict: bool
 def caption_pairs(examples: Iterable[CaptionExample]) -> list[tuple[int, str]]:
     """(example index, caption) for every reference caption: one training pair each."""
     return [(i, c) for i, ex in enumerate(examples) for c in ex.captions]
+
+
+# ------------------------------------------------------------------ more caption-set formats
+#
+# Every reader below returns (examples, ReadReport) like `read_imagefolder`: a problem row is reported as
+# "FILE:LINE: reason" (JSON documents, which have no rows, as "FILE: images[3]: reason"), skipped and
+# counted; strict=True raises DataError on the first one. `require_images=False` (references for
+# scoring) skips the image-file check; paths must still stay inside the dataset root.
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test", "train+restval")
+TABLE_IMAGE_COLUMNS = ("image", "file_name", "image_id", "id")  # tried in order when no column is named
+TABLE_CAPTION_COLUMNS = ("caption", "captions")
+PREDICTION_ID_KEYS = ("image_id", "id", "image")  # first present wins
+_TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+_REFERENCE_FORMATS = ("COCO captions JSON ('images' + 'annotations'), Karpathy split JSON ('images' with "
+                      "'sentences'), an imagefolder directory (metadata.jsonl, optionally in a split folder), "
+                      "or a .csv/.tsv/.jsonl table with image and caption columns")
+_CAPTION_SET_FORMATS = ("an imagefolder directory (metadata.jsonl), a COCO captions or Karpathy split .json, "
+                        "or a .csv/.tsv/.jsonl table")
+
+_Bad = Callable[[str, str], None]
+
+
+def _reporter(report: ReadReport, strict: bool) -> _Bad:
+    """bad(where, reason): record "where: reason" in the report, or raise it when strict."""
+    def bad(where: str, reason: str) -> None:
+        msg = f"{where}: {reason}"
+        if strict:
+            raise DataError(msg)
+        report.problems.append(msg)
+    return bad
+
+
+def _raise(where: str, reason: str) -> None:
+    raise DataError(f"{where}: {reason}")
+
+
+def _finish(report: ReadReport, examples: list[CaptionExample], what: str = "no usable rows"
+            ) -> tuple[list[CaptionExample], ReadReport]:
+    report.kept = len(examples)
+    if report.problems:
+        for p in report.problems[:20]:
+            logger.warning(p)
+        logger.warning(report.summary())
+    if not examples:
+        raise DataError(f"{report.source}: {what} ({len(report.problems)} skipped)")
+    return examples, report
+
+
+def _is_utf8(text: str) -> bool:
+    """False for strings holding lone surrogates: undecodable bytes (surrogateescape) or JSON '\\ud800'."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _is_id(value) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
+
+
+def _clean_captions(value, *, allow_list: bool = True) -> tuple[list[str], str | None]:
+    """One row's caption(s) -> (captions, None), or ([], reason). Whitespace is normalised and empty
+    captions are dropped; a non-string, non-UTF-8 or over-long caption rejects the whole row."""
+    caps = [value] if isinstance(value, str) else value
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps) or (
+            not allow_list and not isinstance(value, str)):
+        return [], "caption must be a string" + (" or a list of strings" if allow_list else "")
+    if not all(_is_utf8(c) for c in caps):
+        return [], "caption is not valid UTF-8"
+    caps = [c for c in (" ".join(c.split()) for c in caps) if c]
+    if not caps:
+        return [], "no non-empty caption"
+    if any(len(c) > MAX_CAPTION_CHARS for c in caps):
+        return [], f"caption longer than {MAX_CAPTION_CHARS} characters"
+    return caps, None
+
+
+def _check_image(root: Path, name, *, require_images: bool) -> tuple[str, str | None]:
+    """An image path relative to the dataset root -> (path, None), or ("", reason). The path must stay
+    inside the root (no absolute paths, no '..' or symlink escapes); the file must exist when required."""
+    if not isinstance(name, str) or not name.strip():
+        return "", "image path must be a non-empty string"
+    if not _is_utf8(name):
+        return "", "image path is not valid UTF-8"
+    if "\x00" in name:
+        return "", f"image path {name!r} contains a NUL character"
+    path = root / name
+    try:
+        inside = not Path(name).is_absolute() and _inside(root, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: symlink loop
+        return "", f"image path {name!r} cannot be resolved ({e})"
+    if not inside:
+        return "", f"image path {name!r} escapes the dataset folder"
+    if require_images:
+        try:
+            found = path.is_file()
+        except OSError as e:
+            return "", f"image file {name!r} unreadable ({e.strerror or e})"
+        if not found:
+            return "", f"image file {name!r} not found"
+    return str(path), None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a file") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
+
+
+def _load_json(path: Path):
+    """A whole JSON document, or DataError naming the file (and the line of a syntax error)."""
+    raw = _read_bytes(path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer too long, nesting too deep
+        raise DataError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
+
+
+def _json_kind(data) -> str | None:
+    """'coco', 'karpathy' or None for a parsed JSON document."""
+    if not isinstance(data, dict):
+        return None
+    if "annotations" in data:
+        return "coco"
+    images = data.get("images")
+    if isinstance(images, list):
+        return "karpathy" if any(isinstance(im, dict) and "sentences" in im for im in images) else "coco"
+    return None
+
+
+def _jsonl_rows(path: Path, raw: bytes, bad: _Bad) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank JSONL line; other lines go to bad()."""
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if lineno == 1:
+            line = line.removeprefix(codecs.BOM_UTF8)
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            bad(f"{path}:{lineno}", "not valid UTF-8")
+            continue
+        if not text:
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            bad(f"{path}:{lineno}", f"invalid JSON ({e.msg})")
+            continue
+        except (ValueError, RecursionError) as e:
+            bad(f"{path}:{lineno}", f"invalid JSON ({type(e).__name__})")
+            continue
+        if not isinstance(row, dict):
+            bad(f"{path}:{lineno}", "row must be a JSON object")
+            continue
+        yield lineno, row
+
+
+def _csv_records(path: Path, raw: bytes, delimiter: str, bad: _Bad) -> Iterator[tuple[int, list[str]]]:
+    """(first line number, fields) for each non-blank CSV record. Line numbers are the file's own, also
+    when a quoted field spans lines. Undecodable bytes become lone surrogates (see `_is_utf8`)."""
+    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    prev = 0
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            start, prev = prev + 1, reader.line_num
+            bad(f"{path}:{start}", f"malformed CSV ({e})")
+            continue
+        start, prev = prev + 1, reader.line_num
+        if any(field.strip() for field in record):
+            yield start, record
+
+
+def _table_format(path: Path, raw: bytes) -> str:
+    """'jsonl', 'tsv' or 'csv': by extension, else by content (a leading '{', more tabs than commas)."""
+    ext = path.suffix.lower()
+    if ext in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if ext == ".tsv":
+        return "tsv"
+    head = raw[:65536].removeprefix(codecs.BOM_UTF8)
+    if ext != ".csv" and head.lstrip()[:1] == b"{":
+        return "jsonl"
+    first = head.lstrip(b"\r\n").split(b"\n", 1)[0]
+    return "tsv" if first.count(b"\t") > first.count(b",") else "csv"
+
+
+def _table_rows(path: Path, raw: bytes, fmt: str, image_columns: Sequence[str],
+                caption_columns: Sequence[str], bad: _Bad) -> Iterator[tuple[str, dict, str | None, str | None]]:
+    """(where, row, image key, caption key) for each table row; keys are None when the row lacks them."""
+    if fmt == "jsonl":
+        for lineno, row in _jsonl_rows(path, raw, bad):
+            yield (f"{path}:{lineno}", row, next((c for c in image_columns if c in row), None),
+                   next((c for c in caption_columns if c in row), None))
+        return
+    records = _csv_records(path, raw, "\t" if fmt == "tsv" else ",", bad)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"{path}: empty file (a {fmt.upper()} caption table needs a header row)")
+    header_line, header = first
+    header = [h.strip() for h in header]
+
+    def column(wanted: Sequence[str], what: str) -> str:
+        for c in wanted:
+            if c in header:
+                return c
+        raise DataError(f"{path}:{header_line}: no {what} column (looked for "
+                        f"{', '.join(map(repr, wanted))}; the header has {', '.join(map(repr, header))})")
+
+    image_key, caption_key = column(image_columns, "image"), column(caption_columns, "caption")
+    index = {h: header.index(h) for h in (image_key, caption_key)}
+    for lineno, record in records:
+        where = f"{path}:{lineno}"
+        if len(record) != len(header):
+            bad(where, f"row has {len(record)} fields, the header has {len(header)} "
+                       "(unquoted delimiter in a caption?)")
+            continue
+        yield where, {k: record[i] for k, i in index.items()}, image_key, caption_key
+
+
+def _read_table(path: Path, *, image_columns: Sequence[str], caption_columns: Sequence[str], strict: bool,
+                require_images: bool, split: str, image_id: Callable[[str], str] | None = None
+                ) -> tuple[list[CaptionExample], ReadReport]:
+    """Shared body of `read_caption_table` and the imagefolder reference reader: rows grouped per image."""
+    raw = _read_bytes(path)
+    fmt = _table_format(path, raw)
+    report = ReadReport(source=str(path))
+    bad = _reporter(report, strict)
+    root = path.parent
+    by_id: dict[str, CaptionExample] = {}
+    for where, row, image_key, caption_key in _table_rows(path, raw, fmt, image_columns, caption_columns, bad):
+        if image_key is None:
+            bad(where, f"row needs an image field ({' or '.join(map(repr, image_columns))})")
+            continue
+        if caption_key is None:
+            bad(where, f"row needs a caption field ({' or '.join(map(repr, caption_columns))})")
+            continue
+        name = row[image_key]
+        if _is_id(name) and not isinstance(name, str):
+            name = str(name)  # JSONL integer ids, e.g. {"image_id": 42, "caption": ...}
+        caps, reason = _clean_captions(row[caption_key])
+        if reason is None:
+            image, reason = _check_image(root, name, require_images=require_images)
+        if reason is not None:
+            bad(where, reason)
+            continue
+        key = image_id(name) if image_id else os.path.normpath(name).replace(os.sep, "/")
+        if key in by_id:
+            by_id[key].captions.extend(caps)
+        else:
+            by_id[key] = CaptionExample(image_id=key, image=image, captions=caps, split=split)
+    return _finish(report, list(by_id.values()))
+
+
+def read_caption_table(path: str | Path, *, image_column: str | None = "image", caption_column: str | None = "caption",
+                       strict: bool = False, require_images: bool = True
+                       ) -> tuple[list[CaptionExample], ReadReport]:
+    """A CSV, TSV (extension .tsv, or more tabs than commas in the header) or JSONL (extension .jsonl, or
+    content starting with '{') table with one caption per row; rows naming the same image are grouped in
+    first-seen order. Image paths are relative to the table's folder; the image id is that path,
+    normalised ('./a.jpg' -> 'a.jpg'). An imagefolder `metadata.csv` reads with image_column="file_name".
+    A column of None is auto-detected (`TABLE_IMAGE_COLUMNS`, `TABLE_CAPTION_COLUMNS`). JSONL rows may
+    hold a list of captions. Problems carry the file's own line numbers (a quoted CSV field may span
+    lines: the row's first line is given). Examples' split is the file's stem."""
+    path = Path(path)
+    return _read_table(path, image_columns=(image_column,) if image_column else TABLE_IMAGE_COLUMNS,
+                       caption_columns=(caption_column,) if caption_column else TABLE_CAPTION_COLUMNS,
+                       strict=strict, require_images=require_images, split=path.stem)
+
+
+def read_coco_captions(annotation_file: str | Path, image_root: str | Path | None = None, *, strict: bool = False,
+                       require_images: bool = True) -> tuple[list[CaptionExample], ReadReport]:
+    """COCO captions JSON (captions_train2014.json, captions_val2017.json, ...):
+    `{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}`. Captions are grouped per
+    image in annotation order; image_id is str(id); the image path is image_root/file_name (default root:
+    the JSON's folder). Annotations naming an unknown image id and images without captions are reported.
+    Examples' split is the file's stem without 'captions_' (e.g. 'val2014')."""
+    path = Path(annotation_file)
+    return _coco_from_data(_load_json(path), path, image_root, strict=strict, require_images=require_images)
+
+
+def _coco_from_data(data, path: Path, image_root, *, strict: bool, require_images: bool
+                    ) -> tuple[list[CaptionExample], ReadReport]:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path}: not a COCO captions file (needs an 'images' list and an 'annotations' list)")
+    if not isinstance(data.get("annotations"), list):
+        raise DataError(f"{path}: no 'annotations' list (an image-info file without captions?)")
+    root = Path(image_root) if image_root is not None else path.parent
+    report = ReadReport(source=str(path))
+    bad = _reporter(report, strict)
+    images: dict[str, tuple[int, str]] = {}  # id -> (index in 'images', file_name)
+    rejected: set[str] = set()  # ids of reported image entries: their annotations are skipped silently
+    for i, entry in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
+        image_id = entry.get("id") if isinstance(entry, dict) else None
+        if not _is_id(image_id) or not isinstance(entry.get("file_name"), str):
+            bad(where, "entry needs an 'id' (integer or string) and a string 'file_name'")
+            if _is_id(image_id):
+                rejected.add(str(image_id))
+            continue
+        key = str(image_id)
+        if key in images:
+            bad(where, f"duplicate image id {key!r} (first at images[{images[key][0]}])")
+            continue
+        images[key] = (i, entry["file_name"])
+    captions: dict[str, list[str]] = {key: [] for key in images}
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}]"
+        if not isinstance(ann, dict) or not _is_id(ann.get("image_id")) or "caption" not in ann:
+            bad(where, "entry needs an 'image_id' (integer or string) and a 'caption'")
+            continue
+        key = str(ann["image_id"])
+        if key not in captions:
+            if key not in rejected:
+                bad(where, f"image_id {key!r} is not in 'images'")
+            continue
+        caps, reason = _clean_captions(ann["caption"], allow_list=False)
+        if reason is not None:
+            bad(where, reason)
+            continue
+        captions[key].extend(caps)
+    split = path.stem.removeprefix("captions_")
+    examples = []
+    for key, (i, name) in images.items():
+        where = f"{path}: images[{i}]"
+        if not captions[key]:
+            bad(where, f"image {key!r} has no captions")
+            continue
+        image, reason = _check_image(root, name, require_images=require_images)
+        if reason is not None:
+            bad(where, reason)
+            continue
+        examples.append(CaptionExample(image_id=key, image=image, captions=captions[key], split=split))
+    return _finish(report, examples, "no usable images")
+
+
+def read_karpathy(split_file: str | Path, image_root: str | Path | None = None, split: str = "test", *,
+                  strict: bool = False, require_images: bool = True) -> tuple[list[CaptionExample], ReadReport]:
+    """Karpathy split JSON (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json):
+    `{"images": [{"filepath"?, "filename", "split", "cocoid"? | "imgid", "sentences": [{"raw"}]}]}`.
+    `split`: one of `KARPATHY_SPLITS`; "train+restval" takes both. image_id is str(cocoid) when present,
+    else str(imgid); the image path is image_root[/filepath]/filename (default root: the JSON's folder).
+    Each example's split is its entry's own split. Entries of other splits are skipped silently."""
+    path = Path(split_file)
+    if split not in KARPATHY_SPLITS:  # before reading a possibly large file
+        raise DataError(f"{path}: unknown Karpathy split {split!r} (one of {', '.join(KARPATHY_SPLITS)})")
+    return _karpathy_from_data(_load_json(path), path, image_root, split, strict=strict,
+                               require_images=require_images)
+
+
+def _karpathy_from_data(data, path: Path, image_root, split: str, *, strict: bool, require_images: bool
+                        ) -> tuple[list[CaptionExample], ReadReport]:
+    if split not in KARPATHY_SPLITS:
+        raise DataError(f"{path}: unknown Karpathy split {split!r} (one of {', '.join(KARPATHY_SPLITS)})")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path}: not a Karpathy split file (needs an 'images' list)")
+    wanted = {"train", "restval"} if split == "train+restval" else {split}
+    root = Path(image_root) if image_root is not None else path.parent
+    report = ReadReport(source=str(path))
+    bad = _reporter(report, strict)
+    seen: dict[str, int] = {}
+    examples = []
+    for i, entry in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("split"), str):
+            bad(where, "entry needs a string 'split'")
+            continue
+        if entry["split"] not in wanted:
+            continue
+        image_id = entry["cocoid"] if "cocoid" in entry else entry.get("imgid")
+        if not _is_id(image_id):
+            bad(where, "entry needs a 'cocoid' or 'imgid' (integer or string)")
+            continue
+        filename, filepath = entry.get("filename"), entry.get("filepath", "")
+        if not isinstance(filename, str) or not isinstance(filepath, str):
+            bad(where, "entry needs a string 'filename' (and 'filepath', when present)")
+            continue
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences):
+            bad(where, "'sentences' must be a list of objects")
+            continue
+        raws = []
+        for s in sentences:
+            raw = s.get("raw")
+            if raw is None and isinstance(s.get("tokens"), list) and all(isinstance(t, str) for t in s["tokens"]):
+                raw = " ".join(s["tokens"])
+            raws.append(raw)
+        caps, reason = _clean_captions(raws)
+        if reason is not None:
+            bad(where, reason)
+            continue
+        key = str(image_id)
+        if key in seen:
+            bad(where, f"duplicate image id {key!r} (first at images[{seen[key]}])")
+            continue
+        image, reason = _check_image(root, os.path.join(filepath, filename) if filepath else filename,
+                                     require_images=require_images)
+        if reason is not None:
+            bad(where, reason)
+            continue
+        seen[key] = i
+        examples.append(CaptionExample(image_id=key, image=image, captions=caps, split=entry["split"]))
+    return _finish(report, examples, f"no usable images in split {split!r}")
+
+
+def _read_imagefolder_references(folder: Path, split: str | None) -> tuple[list[CaptionExample], ReadReport]:
+    """`folder/metadata.jsonl` with ids as `read_imagefolder` gives them ('split/stem', or 'stem' without a
+    split), the images unchecked; rows naming the same file are grouped."""
+    return _read_table(folder / "metadata.jsonl", image_columns=("file_name",),
+                       caption_columns=("captions", "caption"), strict=False, require_images=False,
+                       split=split or "train",
+                       image_id=lambda name: f"{split}/{Path(name).stem}" if split else Path(name).stem)
+
+
+def load_references(path: str | Path, *, split: str = "test") -> dict[str, list[str]]:
+    """Reference captions for scoring, {image id: [captions]}, from any of: a COCO captions JSON (has
+    'annotations'), a Karpathy split JSON (its `split`), an imagefolder directory (path/split/metadata.jsonl,
+    else path/metadata.jsonl) or a .csv/.tsv/.jsonl table (columns auto-detected). Image files need not
+    exist. Problem rows are logged and skipped; an unknown format is a DataError listing the accepted ones."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / split / "metadata.jsonl").is_file():
+            examples, _ = _read_imagefolder_references(path / split, split)
+        elif (path / "metadata.jsonl").is_file():
+            examples, _ = _read_imagefolder_references(path, None)
+        else:
+            raise DataError(f"{path}: directory holds no metadata.jsonl (nor {split}/metadata.jsonl); "
+                            f"accepted reference formats: {_REFERENCE_FORMATS}")
+    elif not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    elif path.suffix.lower() in _TABLE_SUFFIXES:
+        examples, _ = read_caption_table(path, image_column=None, caption_column=None, require_images=False)
+    elif path.suffix.lower() == ".json":
+        data = _load_json(path)
+        kind = _json_kind(data)
+        if kind == "coco":
+            examples, _ = _coco_from_data(data, path, None, strict=False, require_images=False)
+        elif kind == "karpathy":
+            examples, _ = _karpathy_from_data(data, path, None, split, strict=False, require_images=False)
+        else:
+            hint = " (a list: predictions in COCO results format?)" if isinstance(data, list) else ""
+            raise DataError(f"{path}: not a reference file{hint}; accepted reference formats: {_REFERENCE_FORMATS}")
+    else:
+        raise DataError(f"{path}: unknown reference format; accepted reference formats: {_REFERENCE_FORMATS}")
+    return {ex.image_id: ex.captions for ex in examples}
+
+
+def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = False, image_column: str | None = None,
+                     caption_column: str | None = None, image_root: str | Path | None = None
+                     ) -> tuple[list[CaptionExample], ReadReport]:
+    """A caption set for training or evaluation: a directory -> `read_imagefolder` (its `split` folder
+    when that exists, else the directory itself); a .json -> `read_coco_captions` or `read_karpathy` by
+    content (a COCO file is one split already: `split` only labels its examples); a .csv/.tsv/.jsonl ->
+    `read_caption_table` (columns auto-detected unless named). `image_root` (COCO/Karpathy only; default:
+    the JSON's folder) is where image paths start. Images must exist."""
+    path = Path(spec)
+    if image_root is not None and (path.is_dir() or path.suffix.lower() != ".json"):
+        raise DataError(f"{path}: an image root applies only to COCO/Karpathy JSON files (image paths of an "
+                        "imagefolder or a table are relative to its own folder)")
+    if path.is_dir():
+        return read_imagefolder(path, split if split and (path / split).is_dir() else None, strict=strict)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    ext = path.suffix.lower()
+    if ext == ".json":
+        data = _load_json(path)
+        kind = _json_kind(data)
+        if kind == "karpathy":
+            return _karpathy_from_data(data, path, image_root, split or "test", strict=strict, require_images=True)
+        if kind != "coco":
+            raise DataError(f"{path}: neither a COCO captions file nor a Karpathy split file; accepted caption "
+                            f"sets: {_CAPTION_SET_FORMATS}")
+        examples, report = _coco_from_data(data, path, image_root, strict=strict, require_images=True)
+    elif ext in _TABLE_SUFFIXES:
+        examples, report = read_caption_table(path, image_column=image_column, caption_column=caption_column,
+                                              strict=strict)
+    else:
+        raise DataError(f"{path}: unknown caption-set format; accepted caption sets: {_CAPTION_SET_FORMATS}")
+    if split:
+        for ex in examples:
+            ex.split = split
+    return examples, report
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """Predicted captions for scoring, {image id: caption}, from a COCO results JSON
+    (`[{"image_id", "caption"}]`), JSONL (one object per line, as `captioner caption` writes) or CSV/TSV
+    (header with caption and image_id, id or image; with a 'rank' column only rank 0 rows count). The id
+    is the first of `PREDICTION_ID_KEYS` present, as a string. Any problem is a DataError naming the file
+    and the line (JSONL, CSV) or entry index (JSON): predictions are all-or-nothing."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    ext = path.suffix.lower()
+    head = raw.removeprefix(codecs.BOM_UTF8).lstrip()[:1]
+    entries: Iterable[tuple[str, str, object]]  # (where, short location, entry)
+    if ext == ".json" or (ext not in _TABLE_SUFFIXES and head == b"["):
+        data = _load_json(path)
+        if not isinstance(data, list):
+            raise DataError(f"{path}: not a list (COCO results format is [{{\"image_id\": ..., \"caption\": ...}}])")
+        entries = ((f"{path}: entry {i}", f"entry {i}", e) for i, e in enumerate(data))
+    elif ext in (".jsonl", ".ndjson") or (ext not in _TABLE_SUFFIXES and head == b"{"):
+        entries = ((f"{path}:{n}", f"line {n}", row) for n, row in _jsonl_rows(path, raw, _raise))
+    else:
+        entries = _prediction_csv_rows(path, raw, "\t" if _table_format(path, raw) == "tsv" else ",")
+    predictions: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for where, label, entry in entries:
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: must be an object with 'image_id' and 'caption'")
+        key = next((k for k in PREDICTION_ID_KEYS if k in entry), None)
+        if key is None:
+            raise DataError(f"{where}: missing 'image_id' (or {' or '.join(map(repr, PREDICTION_ID_KEYS[1:]))})")
+        if "caption" not in entry:
+            raise DataError(f"{where}: missing 'caption'")
+        image_id, caption = entry[key], entry["caption"]
+        if not _is_id(image_id):
+            raise DataError(f"{where}: {key} must be a non-empty string or an integer, not {image_id!r}")
+        if not isinstance(caption, str):
+            raise DataError(f"{where}: caption must be a string, not {type(caption).__name__}")
+        image_id = str(image_id)
+        if not _is_utf8(caption) or not _is_utf8(image_id):
+            raise DataError(f"{where}: not valid UTF-8")
+        if image_id in predictions:
+            raise DataError(f"{where}: duplicate image_id {image_id!r} (first at {first[image_id]})")
+        predictions[image_id] = " ".join(caption.split())
+        first[image_id] = label
+    if not predictions:
+        raise DataError(f"{path}: no predictions")
+    return predictions
+
+
+def _prediction_csv_rows(path: Path, raw: bytes, delimiter: str) -> Iterator[tuple[str, str, dict]]:
+    records = _csv_records(path, raw, delimiter, _raise)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"{path}: empty file (a CSV of predictions needs a header: image_id,caption)")
+    header_line, header = first
+    header = [h.strip() for h in header]
+    key = next((k for k in PREDICTION_ID_KEYS if k in header), None)
+    if key is None or "caption" not in header:
+        raise DataError(f"{path}:{header_line}: header needs 'caption' and 'image_id' (or 'id' or 'image'); "
+                        f"it has {', '.join(map(repr, header))}")
+    columns = [key, "caption", *(["rank"] if "rank" in header else [])]
+    index = {c: header.index(c) for c in columns}
+    for lineno, record in records:
+        if len(record) != len(header):
+            raise DataError(f"{path}:{lineno}: row has {len(record)} fields, the header has {len(header)}")
+        row = {c: record[i] for c, i in index.items()}
+        if row.pop("rank", "0").strip() not in ("0", ""):
+            continue  # `captioner caption --num-captions N` writes N ranked rows per image: rank 0 is the caption
+        yield f"{path}:{lineno}", f"line {lineno}", row
+
+
+def match_prediction_ids(predictions: dict[str, str], references: dict[str, list[str]], *, source: str = "predictions"
+                         ) -> dict[str, str]:
+    """Key predictions by reference id. An id not found as is may be an image path (as `captioner
+    caption` writes): its longest trailing path components that name a reference id are used, with or
+    without the file extension ('/data/test/00012.png' -> 'test/00012'). Unknown ids, two predictions for
+    one image and references without a prediction are DataErrors naming them."""
+    out: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    unknown, duplicates = [], []
+    for pid, caption in predictions.items():
+        key = pid if pid in references else None
+        if key is None:
+            p = PurePath(pid)
+            for parts in (p.parts, p.with_suffix("").parts if p.suffix else ()):
+                key = next(("/".join(parts[-n:]) for n in range(len(parts), 0, -1)
+                            if "/".join(parts[-n:]) in references), None)
+                if key is not None:
+                    break
+        if key is None:
+            unknown.append(pid)
+        elif key in out:
+            duplicates.append(f"{origin[key]} and {pid} (both {key})")
+        else:
+            out[key], origin[key] = caption, pid
+
+    def show(items):
+        return ", ".join(map(str, items[:5])) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+    if unknown:
+        raise DataError(f"{source}: {len(unknown)} prediction id(s) not in the references: {show(unknown)}")
+    if duplicates:
+        raise DataError(f"{source}: several predictions for one image: {show(duplicates)}")
+    missing = [k for k in references if k not in out]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} reference image(s) have no prediction: {show(missing)}")
+    return out

@@ -55,17 +55,16 @@ def run_demo(output_dir: str | Path = "demo_out", *, epochs: int = 12, n_train: 
 
     captioner = Captioner.from_pretrained(best)
     test_ex, _ = read_imagefolder(data, "test")
-    decode = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=20)
-    preds = captioner.caption([ex.image for ex in test_ex], decode=decode)
-    refs = {ex.image_id: ex.captions for ex in test_ex}
-    scored = score_captions({ex.image_id: p for ex, p in zip(test_ex, preds)}, refs)
+    result = captioner.evaluate(test_ex, decode=DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=20))
     frequent = most_frequent_caption(train_ex)
-    baseline = score_captions({ex.image_id: frequent for ex in test_ex}, refs, use_java=scored.coco_exact)
-    items = [{"image": ex.image, "id": ex.image_id, "prediction": p, "references": ex.captions,
-              "scores": scored.per_image.get(ex.image_id, {})} for ex, p in zip(test_ex, preds)]
+    baseline = score_captions({ex.image_id: frequent for ex in test_ex}, {ex.image_id: ex.captions for ex in test_ex},
+                              use_java=result.coco_exact)
+    preds = result.predictions
+    items = [{"image": ex.image, "id": ex.image_id, "prediction": preds[ex.image_id], "references": ex.captions,
+              "scores": result.per_image[ex.image_id]} for ex in result.examples]
     report = write_report(out / "report.html", items, title="captioner offline demo: shapes test split",
-                          corpus={**scored.corpus, "baseline CIDEr": baseline.corpus["CIDEr"]})
-    return DemoResult(scores=scored.corpus, baseline=baseline.corpus, baseline_caption=frequent,
-                      coco_exact=scored.coco_exact,
-                      samples=[(ex.image, p, ex.captions) for ex, p in zip(test_ex, preds)],
+                          corpus={**result.corpus, "baseline CIDEr": baseline.corpus["CIDEr"]})
+    return DemoResult(scores=result.corpus, baseline=baseline.corpus, baseline_caption=frequent,
+                      coco_exact=result.coco_exact,
+                      samples=[(ex.image, preds[ex.image_id], ex.captions) for ex in result.examples],
                       model_dir=best, report=report)

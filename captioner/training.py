@@ -1,29 +1,34 @@
 """The one training loop (accelerate): cached image features -> mapper (+ LM) -> caption loss.
 
-The image encoder is frozen, so each unique image is encoded once before training (not once per
-caption, as ClipCap does). Every epoch logs train/val loss and caption metrics on a validation subset
-to `metrics.jsonl`, and saves `last/` and `best/` (lowest validation loss) captioners in the run dir.
+The image encoder is frozen, so each unique image is encoded once before training (optionally into a
+persistent feature cache, see features.py), never once per caption. Batches are length-bucketed and
+sharded across processes by `CaptionBatchSampler`, which gives every process the same number of
+batches and every (image, caption) pair to exactly one process once per epoch. The run directory
+holds the resolved config, the command line, `metrics.jsonl` (and TensorBoard logs when installed),
+`last/` and `best/` captioners, and `state/` (model, optimizer, scheduler, RNG, data position) for
+`--resume`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import random
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .api import Captioner
 from .config import ConfigError, DecodeConfig, ModelConfig, save_json
-from .data import CaptionExample, caption_pairs, load_image, read_imagefolder
-from .tokens import encode_captions
+from .data import CaptionExample, load_caption_set, load_image
+from .tokens import pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -36,25 +41,39 @@ def _doc(text, **kw):
 class TrainConfig:
     """A training run. `model` nests the ModelConfig of the captioner being trained."""
 
-    data: str = _doc("Caption set: an imagefolder root whose split folders hold metadata.jsonl.", default="")
-    output_dir: str = _doc("Run directory: config, metrics.jsonl and the last/ and best/ captioners.",
+    data: str = _doc("Caption set: imagefolder directory, COCO captions JSON, Karpathy split JSON, or a "
+                     "CSV/TSV/JSONL table of image,caption rows.", default="")
+    image_root: str | None = _doc("Folder image paths are relative to (COCO/Karpathy; default: the file's "
+                                  "folder).", default=None)
+    output_dir: str = _doc("Run directory: config, metrics.jsonl, last/, best/ and state/.",
                            default="runs/captioner")
-    train_split: str = _doc("Split folder used for training.", default="train")
-    val_split: str | None = _doc("Split folder used for validation (none to skip).", default="val")
+    train_split: str = _doc("Split used for training (Karpathy: train, restval, train+restval).", default="train")
+    val_split: str | None = _doc("Split used for validation (none to skip).", default="val")
+    strict: bool = _doc("Malformed rows in the caption set are errors instead of being skipped.", default=False)
     epochs: int = _doc("Passes over all (image, caption) pairs.", default=10)
-    batch_size: int = _doc("Captions per optimisation step.", default=64)
+    max_steps: int | None = _doc("Stop after this many optimiser steps in total (the schedule still spans "
+                                 "all epochs); with --resume a stopped run continues.", default=None)
+    batch_size: int = _doc("Captions per forward pass, summed over all processes.", default=64)
+    grad_accum_steps: int = _doc("Forward passes accumulated per optimiser step.", default=1)
     lr: float = _doc("Peak learning rate (AdamW).", default=2e-5)
     weight_decay: float = _doc("AdamW weight decay.", default=0.01)
-    warmup_steps: int = _doc("Linear warm-up steps before the schedule.", default=100)
+    warmup_steps: int = _doc("Linear warm-up optimiser steps before the schedule.", default=100)
     schedule: str = _doc("Learning-rate schedule after warm-up: cosine, linear or constant.", default="cosine")
     grad_clip: float = _doc("Clip the gradient norm to this (0 disables).", default=1.0)
     max_caption_tokens: int = _doc("Captions are cut to this many tokens (EOS included).", default=40)
+    bucket_by_length: bool = _doc("Group captions of similar length into batches (less padding).", default=True)
     mixed_precision: str = _doc("Autocast: no, bf16 or fp16.", default="no")
     seed: int = _doc("Random seed (data order, init).", default=0)
+    feature_cache: str | None = _doc("Directory of the persistent image-feature cache (keyed by encoder); "
+                                     "none encodes into memory at start.", default=None)
     encode_batch_size: int = _doc("Images per batch when computing image features.", default=64)
+    num_workers: int = _doc("DataLoader workers decoding images for feature extraction.", default=2)
     val_images: int = _doc("Validation images captioned (greedy) each epoch for BLEU-4/CIDEr (0 skips).",
                            default=100)
-    log_every: int = _doc("Log the training loss every N steps.", default=20)
+    save_every: int = _doc("Also save the resumable state every N optimiser steps (0: each epoch only).",
+                           default=0)
+    resume: bool = _doc("Continue from <output_dir>/state if it exists.", default=False)
+    log_every: int = _doc("Log the training loss every N optimiser steps.", default=20)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -62,8 +81,8 @@ class TrainConfig:
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:
+            raise ConfigError("epochs, batch_size and grad_accum_steps must be >= 1")
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -75,38 +94,135 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
-@torch.no_grad()
-def encode_examples(captioner: Captioner, examples: list[CaptionExample], *, batch_size: int,
-                    desc: str = "encoding images") -> torch.Tensor:
-    """Image features (N, F) for each example, one encoder pass per unique image."""
-    feats = []
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
-        batch = [load_image(ex.image) for ex in examples[start:start + batch_size]]
-        feats.append(captioner.encode(batch).cpu())
-    return torch.cat(feats)
+# ------------------------------------------------------------------ data
+
+
+class CaptionBatchSampler:
+    """Batches of pair indices for one process.
+
+    Each epoch the pairs are shuffled with (seed, epoch); with bucketing, chunks of 50 global batches
+    are sorted by caption length before being cut, and the batch order is shuffled again. Each global
+    batch is split round-robin across processes; a final global batch smaller than the number of
+    processes is merged into the previous one, so every process runs the same number of batches and
+    every pair is used exactly once per epoch.
+    """
+
+    def __init__(self, lengths: list[int], *, batch_size: int, seed: int, bucket: bool, shuffle: bool = True,
+                 rank: int = 0, world: int = 1):
+        if len(lengths) < world:
+            raise ConfigError(f"{len(lengths)} training captions cannot be split across {world} processes")
+        self.lengths, self.batch_size, self.seed, self.bucket, self.shuffle = lengths, batch_size, seed, bucket, shuffle
+        self.rank, self.world = rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order; skip its first `start` batches (resuming mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def global_batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        if self.bucket:
+            chunk = self.batch_size * 50
+            order = [i for s in range(0, n, chunk)
+                     for i in sorted(order[s:s + chunk], key=lambda i: self.lengths[i])]
+        batches = [order[s:s + self.batch_size] for s in range(0, n, self.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < self.world:
+            batches[-2].extend(batches.pop())
+        if self.bucket and self.shuffle:
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in perm]
+        return batches
+
+    def __iter__(self):
+        for batch in self.global_batches()[self.start:]:
+            yield batch[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return len(self.global_batches()) - self.start
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """(feature row, caption token ids) pairs; ids are tokenised once, up front."""
+
+    def __init__(self, rows: list[int], ids: list[list[int]]):
+        self.rows, self.ids = rows, ids
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i], self.ids[i]
 
 
 class _Collate:
-    def __init__(self, features, tokenizer, *, max_tokens, prompt):
-        self.features, self.tokenizer, self.max_tokens, self.prompt = features, tokenizer, max_tokens, prompt
+    def __init__(self, features: torch.Tensor, pad: int):
+        self.features, self.pad = features, pad
 
-    def __call__(self, pairs):
-        idx = torch.tensor([i for i, _ in pairs])
-        ids, mask = encode_captions(self.tokenizer, [c for _, c in pairs], max_tokens=self.max_tokens,
-                                    prompt=self.prompt)
-        return self.features[idx], ids, mask
+    def __call__(self, items):
+        width = max(len(ids) for _, ids in items)
+        ids = torch.full((len(items), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, (_, row) in enumerate(items):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        return self.features[torch.tensor([r for r, _ in items])], ids, mask  # (B, F), (B, T), (B, T)
+
+
+def tokenize_pairs(tokenizer, examples: list[CaptionExample], *, max_tokens: int, prompt: str
+                   ) -> tuple[list[int], list[list[int]]]:
+    """(example row, ids with EOS) for every reference caption."""
+    from .tokens import caption_text
+
+    texts = [(i, caption_text(c, prompt)) for i, ex in enumerate(examples) for c in ex.captions]
+    encoded = tokenizer([t for _, t in texts], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [i for i, _ in texts], [ids[:max_tokens - 1] + [eos] for ids in encoded]
+
+
+def make_loader(features, rows, ids, tokenizer, sampler) -> torch.utils.data.DataLoader:
+    # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run's
+    # dropout masks would differ from an uninterrupted run's.
+    return torch.utils.data.DataLoader(_Pairs(rows, ids), batch_sampler=sampler, pin_memory=torch.cuda.is_available(),
+                                       collate_fn=_Collate(features, pad_id(tokenizer)),
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def encode_examples(captioner: Captioner, examples: list[CaptionExample], config: TrainConfig, *,
+                    desc: str) -> torch.Tensor:
+    """Image features (N, F) for the examples: from the feature cache, or encoded into memory."""
+    if config.feature_cache:
+        from .features import FeatureCache, encoder_key
+
+        enc = captioner.model.image_encoder
+        cache = FeatureCache(config.feature_cache, encoder_key(captioner.config, enc.preprocess), enc.output_dim)
+        return cache.get([ex.image for ex in examples], captioner.model.encode_images, enc.preprocess,
+                         batch_size=config.encode_batch_size, num_workers=config.num_workers,
+                         device=captioner.device, desc=desc)
+    feats = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(examples), config.encode_batch_size), desc=desc, unit="batch", leave=False):
+            batch = [load_image(ex.image) for ex in examples[start:start + config.encode_batch_size]]
+            feats.append(captioner.encode(batch).cpu())
+    return torch.cat(feats)
+
+
+# ------------------------------------------------------------------ evaluation during training
 
 
 def evaluate_loss(model, loader, accelerator) -> float:
+    """Token-weighted mean validation loss over all processes."""
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros(2, device=accelerator.device)
     with torch.no_grad():
         for features, ids, mask in loader:
-            n = mask.sum().item()
-            total += model(features, ids, mask).loss.item() * n
-            count += n
+            features, ids, mask = (t.to(accelerator.device) for t in (features, ids, mask))
+            n = mask.sum()
+            total += torch.stack([model(features, ids, mask).loss.float() * n, n.float()])
     model.train()
-    return total / max(count, 1)
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1].clamp_min(1)).item()
 
 
 def caption_metrics(captioner: Captioner, features, examples, *, limit: int) -> dict[str, float]:
@@ -125,6 +241,48 @@ def caption_metrics(captioner: Captioner, features, examples, *, limit: int) -> 
     return {"val_bleu4": scores.corpus["Bleu_4"], "val_cider": scores.corpus["CIDEr"]}
 
 
+# ------------------------------------------------------------------ the loop
+
+
+class _Logger:
+    def __init__(self, out: Path, enabled: bool):
+        self.path, self.enabled, self.tb = out / "metrics.jsonl", enabled, None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # tensorboard not installed: JSONL only
+                pass
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, float) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+
+def _save_state(accelerator, out: Path, progress: dict) -> None:
+    """Resumable state, swapped in atomically: a kill mid-save leaves the previous state intact."""
+    tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps(progress))
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None) -> Path:
     """Train a captioner; returns the path of the best saved captioner."""
     from accelerate import Accelerator
@@ -133,84 +291,129 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
     out = Path(config.output_dir)
-    if accelerator.is_main_process:
+    main_proc = accelerator.is_main_process
+    state_dir = out / "state"
+    resuming = config.resume and state_dir.exists()
+    if config.resume and not resuming:
+        logger.info("--resume: no state in %s, starting from scratch", out)
+    if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         save_json(config, out / "train_config.json")
-        (out / "command.txt").write_text(" ".join(argv if argv is not None else sys.argv) + "\n")
+        with open(out / "command.txt", "a") as f:
+            f.write(" ".join(argv if argv is not None else sys.argv) + "\n")
 
-    train_ex, _ = read_imagefolder(config.data, config.train_split)
-    val_ex = read_imagefolder(config.data, config.val_split)[0] if config.val_split else []
+    train_ex, _ = load_caption_set(config.data, config.train_split, strict=config.strict, image_root=config.image_root)
+    val_ex = (load_caption_set(config.data, config.val_split, strict=config.strict, image_root=config.image_root)[0]
+              if config.val_split else [])
+    if val_ex and {ex.image for ex in val_ex} == {ex.image for ex in train_ex}:
+        logger.warning("%s has no separate %r split (COCO files and tables are one split each): validation "
+                       "would repeat the training images, so it is skipped; pass --val-split none to silence this",
+                       config.data, config.val_split)
+        val_ex = []
     captioner = Captioner.from_config(config.model, tokenizer=tokenizer, device=accelerator.device)
     tok = captioner.tokenizer
-    logger.info("training on %d images (%d captions), validating on %d images", len(train_ex),
-                sum(len(e.captions) for e in train_ex), len(val_ex))
-    train_feats = encode_examples(captioner, train_ex, batch_size=config.encode_batch_size,
-                                  desc="encoding train images")
-    val_feats = encode_examples(captioner, val_ex, batch_size=config.encode_batch_size,
-                                desc="encoding val images") if val_ex else None
+    rows, ids = tokenize_pairs(tok, train_ex, max_tokens=config.max_caption_tokens, prompt=config.model.prompt)
+    logger.info("training on %d images (%d captions), validating on %d images", len(train_ex), len(rows), len(val_ex))
+    with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
+        train_feats = encode_examples(captioner, train_ex, config, desc="encoding train images")
+        val_feats = encode_examples(captioner, val_ex, config, desc="encoding val images") if val_ex else None
 
-    if captioner.model.mapper.feature_norm is not None:
-        captioner.model.mapper.feature_norm.fit(train_feats)
-    collate = _Collate(train_feats, tok, max_tokens=config.max_caption_tokens, prompt=config.model.prompt)
-    g = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(caption_pairs(train_ex), batch_size=config.batch_size, shuffle=True,
-                              collate_fn=collate, generator=g, drop_last=False)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sampler = CaptionBatchSampler([len(x) for x in ids], batch_size=config.batch_size, seed=config.seed,
+                                  bucket=config.bucket_by_length, rank=rank, world=world)
+    train_loader = make_loader(train_feats, rows, ids, tok, sampler)
     val_loader = None
     if val_ex:
-        val_collate = _Collate(val_feats, tok, max_tokens=config.max_caption_tokens, prompt=config.model.prompt)
-        val_loader = DataLoader(caption_pairs(val_ex), batch_size=config.batch_size, collate_fn=val_collate)
+        vrows, vids = tokenize_pairs(tok, val_ex, max_tokens=config.max_caption_tokens, prompt=config.model.prompt)
+        vsampler = CaptionBatchSampler([len(x) for x in vids], batch_size=config.batch_size, seed=0, bucket=False,
+                                       shuffle=False, rank=rank, world=world)
+        val_loader = make_loader(val_feats, vrows, vids, tok, vsampler)
 
     model = captioner.model
+    if model.mapper.feature_norm is not None and not resuming:
+        model.mapper.feature_norm.fit(train_feats)  # on resume the statistics come back with the state
     params = [p for p in model.parameters() if p.requires_grad]
-    logger.info("trainable parameters: %s", f"{sum(p.numel() for p in params):,}")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = config.epochs * len(train_loader)
+    if main_proc:
+        logger.info("trainable parameters: %s; %d processes x %d batches per epoch", f"{sum(p.numel() for p in params):,}",
+                    world, len(sampler))
+    # Batches are already sharded by our sampler, so the data loader is not passed to accelerate.
+    fused = {"fused": True} if accelerator.device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
+    steps_per_epoch = math.ceil(len(sampler) / config.grad_accum_steps)
+    total_steps = config.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup=config.warmup_steps, total=total_steps, schedule=config.schedule))
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
+    # The scheduler is stepped once per optimiser step by us (not prepared: accelerate would step it
+    # once per process), but saved with the state.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
 
-    best, step = float("inf"), 0
-    metrics_path = out / "metrics.jsonl"
+    progress = {"step": 0, "epoch": 0, "batch": 0, "best": float("inf")}
+    if resuming:
+        accelerator.load_state(str(state_dir))
+        progress = json.loads((state_dir / "progress.json").read_text())
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, progress["step"],
+                    progress["epoch"] + 1, progress["batch"])
+    log = _Logger(out, main_proc)
+    step = progress["step"]
+    unwrapped = accelerator.unwrap_model(model)
     model.train()
-    for epoch in range(config.epochs):
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not accelerator.is_main_process)
-        t0, seen = time.perf_counter(), 0
-        for features, ids, mask in bar:
-            loss = model(features, ids, mask).loss
-            accelerator.backward(loss)
+    stop = False
+    for epoch in range(progress["epoch"], config.epochs):
+        start = progress["batch"] if epoch == progress["epoch"] else 0
+        sampler.set_epoch(epoch, start)
+        n_batches = start + len(sampler)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not main_proc)
+        t0, seen, loss, done_batches = time.perf_counter(), 0, None, start
+        for i, (features, ids_b, mask) in enumerate(bar, start=start):
+            features, ids_b, mask = (t.to(accelerator.device, non_blocking=True) for t in (features, ids_b, mask))
+            # Gradients are synchronised across processes only on the pass that ends an optimiser step.
+            last_micro = (i + 1) % config.grad_accum_steps == 0 or i + 1 == n_batches
+            with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                loss = model(features, ids_b, mask).loss
+                accelerator.backward(loss / config.grad_accum_steps)
+            seen += ids_b.shape[0] * world
+            if not last_micro:
+                continue
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            seen += ids.shape[0]
             rate = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss.item():.3f}", caps_per_s=f"{rate:.0f}")
-            if step % config.log_every == 0 and accelerator.is_main_process:
-                _log(metrics_path, {"step": step, "epoch": epoch + 1, "loss": loss.item(),
-                                    "lr": scheduler.get_last_lr()[0], "captions_per_s": rate})
-        record = {"step": step, "epoch": epoch + 1, "train_loss": loss.item()}
+            if step % config.log_every == 0:
+                log.log({"step": step, "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                         "captions_per_s": rate})
+            done_batches = i + 1
+            if config.save_every and step % config.save_every == 0 and done_batches < n_batches:
+                _save_state(accelerator, out, {**progress, "step": step, "epoch": epoch, "batch": done_batches})
+            if config.max_steps is not None and step >= config.max_steps:
+                stop = True
+                break
+        if stop:
+            if not (config.save_every and step % config.save_every == 0):
+                _save_state(accelerator, out, {**progress, "step": step, "epoch": epoch, "batch": done_batches})
+            logger.info("stopped at max_steps=%d; continue with --resume", config.max_steps)
+            break
+        record = {"step": step, "epoch": epoch + 1, "train_loss": loss.item() if loss is not None else float("nan")}
         if val_loader is not None:
             record["val_loss"] = evaluate_loss(model, val_loader, accelerator)
-        if accelerator.is_main_process:
-            unwrapped = Captioner(accelerator.unwrap_model(model), tok, device=accelerator.device)
+        score = record.get("val_loss", record["train_loss"])
+        if main_proc:
+            cap = Captioner(unwrapped, tok, device=accelerator.device)
             if val_ex and config.val_images > 0:
-                record.update(caption_metrics(unwrapped, val_feats, val_ex, limit=config.val_images))
-            _log(metrics_path, record)
+                record.update(caption_metrics(cap, val_feats, val_ex, limit=config.val_images))
+            log.log(record)
             logger.info("epoch %d: %s", epoch + 1,
                         ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            unwrapped.save_pretrained(out / "last", step=step, epoch=epoch + 1)
-            score = record.get("val_loss", record["train_loss"])
-            if score < best:
-                best = score
-                unwrapped.save_pretrained(out / "best", step=step, epoch=epoch + 1)
-        accelerator.wait_for_everyone()
+            cap.save_pretrained(out / "last", step=step, epoch=epoch + 1)
+            if score < progress["best"]:
+                cap.save_pretrained(out / "best", step=step, epoch=epoch + 1)
+        if score < progress["best"]:
+            progress["best"] = score
+        progress = {**progress, "step": step, "epoch": epoch + 1, "batch": 0}
+        _save_state(accelerator, out, progress)
+    accelerator.wait_for_everyone()
     return out / "best"
-
-
-def _log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
