@@ -193,8 +193,8 @@ def _clip_scorer(args, captioner):
     if args.no_clip_score:
         return None, None
     if args.clip_score_model:
-        return CLIPScorer.from_open_clip(args.clip_score_model, args.clip_score_pretrained,
-                                         device=captioner.device), None
+        pretrained = None if args.clip_score_pretrained.lower() in ("none", "null") else args.clip_score_pretrained
+        return CLIPScorer.from_open_clip(args.clip_score_model, pretrained, device=captioner.device), None
     cfg = captioner.config
     if cfg.clip_config is None and cfg.clip_pretrained:
         return CLIPScorer.from_open_clip(cfg.clip_model, cfg.clip_pretrained, device=captioner.device), None
@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-score-model", help="open_clip model for CLIPScore (default: the captioner's own "
                                               "CLIP when it is a named pretrained one)")
     p.add_argument("--clip-score-pretrained", default="openai", help="pretrained tag or file for "
-                                                                       "--clip-score-model (default: openai)")
+                                                                       "--clip-score-model, or none for random "
+                                                                       "weights (default: openai)")
     p.add_argument("--no-clip-score", action="store_true", help="skip CLIPScore")
     add_dataclass_flags(p, DecodeConfig, title="decoding")
     p.set_defaults(func=cmd_eval)

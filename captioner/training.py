@@ -288,6 +288,11 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one global state; a second train() in the same process (another precision) must
+    # not inherit the first one's. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
     out = Path(config.output_dir)
@@ -385,7 +390,7 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
             bar.set_postfix(loss=f"{loss.item():.3f}", caps_per_s=f"{rate:.0f}")
             if step % config.log_every == 0:
                 log.log({"step": step, "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                         "captions_per_s": rate})
+                         "captions_per_s": rate, "captions": seen, "time": time.time()})
             done_batches = i + 1
             if config.save_every and step % config.save_every == 0 and done_batches < n_batches:
                 _save_state(accelerator, out, {**progress, "step": step, "epoch": epoch, "batch": done_batches})

@@ -59,9 +59,9 @@ def test_learning_beats_most_frequent_caption(trained, shapes_data, tmp_path):
     assert len(rows) == len(test_ex)
     by_path = {r["image"]: r["caption"] for r in rows}
     refs = {ex.image_id: ex.captions for ex in test_ex}
-    model = score_captions({ex.image_id: by_path[ex.image] for ex in test_ex}, refs).corpus["CIDEr"]
+    model = score_captions({ex.image_id: by_path[ex.image] for ex in test_ex}, refs, metrics=("CIDEr",)).corpus["CIDEr"]
     frequent = most_frequent_caption(train_ex)
-    baseline = score_captions({ex.image_id: frequent for ex in test_ex}, refs).corpus["CIDEr"]
+    baseline = score_captions({ex.image_id: frequent for ex in test_ex}, refs, metrics=("CIDEr",)).corpus["CIDEr"]
     print(f"learning test: CIDEr {model:.4f} vs baseline {baseline:.4f} (threshold {CIDER_THRESHOLD})")
     assert model > CIDER_THRESHOLD
     assert model > BASELINE_FACTOR * baseline
@@ -118,3 +118,88 @@ def test_help_explains_every_command(capsys):
     for flag in ("--num-beams", "--length-penalty", "--top-p", "--max-new-tokens", "--prefix-length",
                  "--finetune-lm", "--mapper", "--clip-pretrained", "--prompt", "--output"):
         assert flag in text
+
+
+TINY_SCORE_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                                   "head_width": 16},
+                   "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_eval_writes_scores_predictions_report_and_score_agrees(trained, shapes_data, tmp_path, capsys):
+    run, _ = trained
+    clip_json = tmp_path / "score_clip.json"
+    clip_json.write_text(json.dumps(TINY_SCORE_CLIP))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(run / "best"), "--data", str(shapes_data), "--split", "test",
+                 "--output-dir", str(out), "--strategy", "greedy", "--clip-score-model", str(clip_json),
+                 "--clip-score-pretrained", "none"]) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads((out / "scores.json").read_text())
+    for key in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "CLIPScore", "RefCLIPScore"):
+        assert key in scores["corpus"] and key in printed
+    assert scores["coco_exact"] is True and len(scores["per_image"]) == 60
+    assert scores["corpus"]["CIDEr"] > 3.0  # the trained model, greedy
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/") >= 60
+    # the COCO results file scores the same through `captioner score`
+    preds = json.loads((out / "predictions.json").read_text())
+    assert len(preds) == 60 and set(preds[0]) == {"image_id", "caption"}
+    assert main(["score", "--predictions", str(out / "predictions.json"), "--references", str(shapes_data),
+                 "--split", "test", "-o", str(tmp_path / "s.json")]) == 0
+    again = json.loads((tmp_path / "s.json").read_text())
+    for key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert again["corpus"][key] == pytest.approx(scores["corpus"][key], abs=1e-9)
+    assert again["per_image"].keys() == scores["per_image"].keys()
+
+
+def test_eval_without_clip_text_tower_says_clipscore_skipped(trained, shapes_data, capsys):
+    run, _ = trained
+    assert main(["eval", "--model", str(run / "best"), "--data", str(shapes_data), "--limit", "6",
+                 "--strategy", "greedy"]) == 0
+    out = capsys.readouterr().out
+    assert "CLIPScore skipped" in out and "--clip-score-model" in out and "CIDEr" in out
+
+
+def test_score_accepts_caption_output_and_rejects_malformed_predictions(trained, shapes_data, tmp_path, capsys):
+    run, _ = trained
+    test_dir = Path(shapes_data) / "test"
+    captions = tmp_path / "captions.jsonl"
+    assert main(["caption", str(test_dir), "--model", str(run / "best"), "-o", str(captions),
+                 "--strategy", "greedy"]) == 0
+    # our own JSONL output (image paths) matches imagefolder reference ids
+    assert main(["score", "--predictions", str(captions), "--references", str(shapes_data)]) == 0
+    capsys.readouterr()
+    refs = json.loads("[" + ",".join((test_dir / "metadata.jsonl").read_text().split("\n")[:-1]) + "]")
+    good = [{"image_id": f"test/{Path(r['file_name']).stem}", "caption": "a red circle"} for r in refs]
+
+    def score(entries, raw=None):
+        p = tmp_path / "p.json"
+        p.write_text(raw if raw is not None else json.dumps(entries))
+        code = main(["score", "--predictions", str(p), "--references", str(shapes_data)])
+        return code, capsys.readouterr().err
+    assert score(good)[0] == 0
+    code, err = score(good[1:])
+    assert code == 2 and "have no prediction" in err and good[0]["image_id"] in err
+    code, err = score(good + [{"image_id": "test/99999", "caption": "x"}])
+    assert code == 2 and "not in the references: test/99999" in err
+    code, err = score(good + [good[3]])
+    assert code == 2 and "duplicate" in err.lower() and good[3]["image_id"] in err
+    code, err = score(None, raw='[{"image_id": "test/00000", "caption": "x"},')
+    assert code == 2 and "p.json" in err and "JSON" in err
+    code, err = score(good[:5] + [{"image_id": "test/00005"}] + good[6:])
+    assert code == 2 and "entry 5" in err and "caption" in err
+
+
+def test_captioner_evaluate_api(trained, shapes_data):
+    from captioner.api import Captioner
+    from captioner.config import DecodeConfig
+    from captioner.data import read_imagefolder
+
+    run, _ = trained
+    examples, _ = read_imagefolder(shapes_data, "test")
+    broken = examples[:4] + [examples[4].__class__(image_id="broken", image=str(shapes_data / "nope.png"),
+                                                  captions=["x"])]
+    result = Captioner.from_pretrained(run / "best").evaluate(broken, decode=DecodeConfig(strategy="greedy"))
+    assert set(result.predictions) == {ex.image_id for ex in examples[:4]}
+    assert any("nope.png: no such file" in s for s in result.skipped)
+    assert set(result.per_image) == set(result.predictions) and "CIDEr" in result.corpus
