@@ -17,6 +17,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/captioner demo --output-dir demo_out
+	$(VENV)/bin/captioner eval --model demo_out/run/best --data demo_out/data --split test \
+	    --strategy beam --num-beams 3 --max-new-tokens 20 --output-dir demo_out/eval
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -15,7 +15,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import ConfigError, DecodeConfig, ModelConfig, from_dict, load_json
+from .config import ConfigError, DecodeConfig, ModelConfig, from_dict, load_config_file, load_json
 
 logger = logging.getLogger("captioner")
 
@@ -93,7 +93,7 @@ def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
 def cmd_train(args) -> int:
     from .training import TrainConfig, train
 
-    base = load_json(args.config) if args.config else {}
+    base = load_config_file(args.config) if args.config else {}
     model_base = base.pop("model", {}) if isinstance(base, dict) else {}
     model = config_from_args(ModelConfig, args, model_base)
     config = config_from_args(TrainConfig, args, base)
@@ -209,7 +209,7 @@ def cmd_eval(args) -> int:
 
     decode = config_from_args(DecodeConfig, args)
     captioner = Captioner.from_pretrained(args.model, device=args.device)
-    examples, _ = load_caption_set(args.data, args.split, strict=args.strict)
+    examples, _ = load_caption_set(args.data, args.split, strict=args.strict, image_root=args.image_root)
     if args.limit:
         examples = examples[: args.limit]
     scorer, note = _clip_scorer(args, captioner)
@@ -273,6 +273,15 @@ def cmd_demo(args) -> int:
 # ------------------------------------------------------------------ parser
 
 
+def add_captioning_flags(p: argparse.ArgumentParser, func) -> None:
+    """Flags shared by the commands that caption with a saved captioner."""
+    p.add_argument("--model", required=True, help="directory of a saved captioner (config.json + model.safetensors)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
+    add_dataclass_flags(p, DecodeConfig, title="decoding")
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .training import TrainConfig
 
@@ -289,28 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "path<TAB>caption, or writes JSONL/CSV with --output. Unreadable inputs are "
                                    "listed at the end and make the exit code 1.")
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns (quote globs)")
-    p.add_argument("--model", required=True, help="directory of a saved captioner (config.json + model.safetensors)")
     p.add_argument("--output", "-o", help="write results to this file (.jsonl or .csv) instead of stdout")
     p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: from the file extension)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
-    add_dataclass_flags(p, DecodeConfig, title="decoding")
-    p.set_defaults(func=cmd_caption)
+    add_captioning_flags(p, cmd_caption)
 
     p = sub.add_parser("eval", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr, CLIPScore)",
                        description="Caption every image of a caption set split with a saved captioner and "
                                    "score the captions as the COCO caption evaluation does (pycocoevalcap, PTB "
                                    "tokenizer), plus CLIPScore/RefCLIPScore. Writes scores.json, "
                                    "predictions.json and an HTML report with --output-dir.")
-    p.add_argument("--model", required=True, help="directory of a saved captioner")
     p.add_argument("--data", required=True, help="caption set: imagefolder directory, COCO captions JSON, "
                                                  "Karpathy split JSON, or a CSV/TSV/JSONL table")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--image-root", help="folder image paths start from (COCO/Karpathy files; default: the "
+                                        "file's folder)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--strict", action="store_true", help="malformed rows in the caption set are errors")
     p.add_argument("--output-dir", help="write scores.json, predictions.json and report.html here")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
-    p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")
     p.add_argument("--clip-score-model", help="open_clip model for CLIPScore (default: the captioner's own "
                                               "CLIP when it is a named pretrained one)")
@@ -318,8 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "--clip-score-model, or none for random "
                                                                        "weights (default: openai)")
     p.add_argument("--no-clip-score", action="store_true", help="skip CLIPScore")
-    add_dataclass_flags(p, DecodeConfig, title="decoding")
-    p.set_defaults(func=cmd_eval)
+    add_captioning_flags(p, cmd_eval)
 
     p = sub.add_parser("score", help="score any system's captions against references",
                        description="Score predicted captions against references with the COCO caption "
@@ -336,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a captioner on a caption set",
                        description="Train the mapper (and optionally the LM) on an imagefolder caption set. "
                                    "Flags override values from --config.")
-    p.add_argument("--config", help="JSON file with TrainConfig fields (and a nested 'model' object)")
+    p.add_argument("--config", help="JSON or YAML file with TrainConfig fields (and a nested 'model' object)")
     add_dataclass_flags(p, TrainConfig, title="training")
     add_dataclass_flags(p, ModelConfig, title="model")
     p.set_defaults(func=cmd_train)
@@ -364,8 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args._argv = argv
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our progress messages at INFO; libraries (accelerate, transformers) only when they warn.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("captioner").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except (CLIError, ConfigError, CheckpointError, DataError, ImageError, ModelLoadError, MetricsError) as e:

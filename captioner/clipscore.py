@@ -28,7 +28,6 @@ Conventions worth knowing:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, load_json
-from .encoders import ModelLoadError, _hub_offline, hub_reachable
+from .encoders import ModelLoadError, create_open_clip
 
 logger = logging.getLogger(__name__)
 
@@ -199,17 +198,9 @@ def _build_named(model_name: str, pretrained: str | None):
     text_cfg = (cfg or {}).get("text_cfg", {})
     needs_hub = (is_hub_id or (bool(pretrained) and not os.path.exists(pretrained))
                  or "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg)
-    offline = needs_hub and not hub_reachable()
-    try:
-        with _hub_offline() if offline else contextlib.nullcontext():
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
-            tokenizer = open_clip.get_tokenizer(model_name)
-    except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for unknown or unreachable weights
-        why = "the hub is unreachable and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
-        raise ModelLoadError(
-            f"could not load open_clip model {model_name!r} with pretrained {pretrained!r} for CLIPScore: "
-            f"{why}. {SCORER_OFFLINE_HINT}"
-        ) from None
+    model, preprocess = create_open_clip(model_name, pretrained, needs_hub=needs_hub, hint=SCORER_OFFLINE_HINT,
+                                         purpose=" for CLIPScore")
+    tokenizer = open_clip.get_tokenizer(model_name)
     return model, preprocess, tokenizer
 
 

@@ -165,19 +165,7 @@ def read_imagefolder(root: str | Path, split: str | None = None, *, strict: bool
             examples.append(CaptionExample(image_id=Path(row["file_name"]).stem if split is None
                                            else f"{split}/{Path(row['file_name']).stem}",
                                            image=str(path), captions=caps, split=split or "train"))
-    report.kept = len(examples)
-    if report.problems:
-        for p in report.problems[:20]:
-            logger.warning(p)
-        logger.warning(report.summary())
-    if not examples:
-        raise DataError(f"{meta}: no usable rows ({len(report.problems)} skipped)")
-    return examples, report
-
-
-def caption_pairs(examples: Iterable[CaptionExample]) -> list[tuple[int, str]]:
-    """(example index, caption) for every reference caption: one training pair each."""
-    return [(i, c) for i, ex in enumerate(examples) for c in ex.captions]
+    return _finish(report, examples)
 
 
 # ------------------------------------------------------------------ more caption-set formats

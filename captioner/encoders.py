@@ -128,16 +128,7 @@ def build_image_encoder(config: ModelConfig, *, load_weights: bool = True) -> Im
             _load_visual_checkpoint(visual, config.clip_pretrained)
     else:
         pretrained = config.clip_pretrained if load_weights else None
-        offline = bool(pretrained) and not os.path.exists(pretrained) and not hub_reachable()
-        try:
-            with _hub_offline() if offline else contextlib.nullcontext():
-                model = open_clip.create_model(config.clip_model, pretrained=pretrained)
-        except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for unknown or unreachable weights
-            why = "the hub is unreachable and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
-            raise ModelLoadError(
-                f"could not load open_clip model {config.clip_model!r} with pretrained {pretrained!r}: "
-                f"{why}. {OFFLINE_HINT}"
-            ) from None
+        model, _ = create_open_clip(config.clip_model, pretrained)
         visual = model.visual
         pre = dict(getattr(visual, "preprocess_cfg", {}) or {})
         del model  # only the vision tower is kept; the text tower is not needed for captioning
@@ -147,6 +138,25 @@ def build_image_encoder(config: ModelConfig, *, load_weights: bool = True) -> Im
         resize_mode=pre.get("resize_mode"), interpolation=pre.get("interpolation"),
     )
     return ImageEncoder(visual=visual, preprocess=preprocess, image_size=image_size)
+
+
+def create_open_clip(model_name: str, pretrained: str | None, *, needs_hub: bool | None = None,
+                     hint: str = OFFLINE_HINT, purpose: str = ""):
+    """(model, eval transform) from open_clip by name; offline, only the local cache is tried and a
+    failure is a ModelLoadError with `hint`. needs_hub defaults to: a pretrained tag that is not a file."""
+    import open_clip
+
+    if needs_hub is None:
+        needs_hub = bool(pretrained) and not os.path.exists(pretrained)
+    offline = needs_hub and not hub_reachable()
+    try:
+        with _hub_offline() if offline else contextlib.nullcontext():
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+    except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for unknown or unreachable weights
+        why = "the hub is unreachable and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
+        raise ModelLoadError(f"could not load open_clip model {model_name!r} with pretrained {pretrained!r}"
+                             f"{purpose}: {why}. {hint}") from None
+    return model, preprocess
 
 
 def _load_visual_checkpoint(visual: nn.Module, path: str) -> None:

@@ -273,6 +273,8 @@ def _save_state(accelerator, out: Path, progress: dict) -> None:
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
+    # accelerate warns on every save that the tied GPT-2 lm_head is stored once; tying restores it on load.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(json.dumps(progress))

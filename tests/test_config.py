@@ -63,3 +63,17 @@ def test_train_config_file_with_cli_overrides(tmp_path, monkeypatch):
     assert (cfg.model.prefix_length, cfg.model.mapper) == (5, "transformer")
     path.write_text(json.dumps({"data": "x", "epoch": 3}))
     assert main(["train", "--config", str(path)]) == 2
+
+
+def test_yaml_config_file(tmp_path, monkeypatch):
+    import captioner.training as training
+    from captioner.cli import main
+
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda config, **kw: seen.setdefault("cfg", config) and tmp_path)
+    path = tmp_path / "train.yaml"
+    path.write_text("data: somewhere\nepochs: 4\nmodel:\n  mapper: transformer\n")
+    assert main(["train", "--config", str(path)]) == 0
+    assert (seen["cfg"].epochs, seen["cfg"].model.mapper) == (4, "transformer")
+    path.write_text("data: [unclosed\n")
+    assert main(["train", "--config", str(path)]) == 2
