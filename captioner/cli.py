@@ -7,7 +7,6 @@ defaults live there). Every command is `main(argv)` so tests run it in-process.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
@@ -110,58 +109,54 @@ def cmd_caption(args) -> int:
 
     from .api import Captioner
     from .data import collect_images
+    from .outputs import ErrorLog, ResultWriter
 
     decode = config_from_args(DecodeConfig, args)
     paths, failures = collect_images(args.images)
+    if args.resume and not args.output:
+        raise CLIError("--resume needs --output (the file to continue)")
+    writer = errors = None
+    if args.output:
+        writer = ResultWriter(args.output, fmt=args.format, num_captions=decode.num_captions, resume=args.resume,
+                              overwrite=args.overwrite)
+        errors = ErrorLog(args.errors or f"{args.output}.errors.jsonl")
+        for line in failures:
+            errors.add(line.split(":", 1)[0], line)
+    skipped = len([p for p in paths if writer and p in writer.done])
+    todo = [p for p in paths if not (writer and p in writer.done)]
     captioner = Captioner.from_pretrained(args.model, device=args.device)
-    writer, close = _open_output(args.output, args.format, num_captions=decode.num_captions)
     done = 0
     try:
-        bar = tqdm(total=len(paths), unit="img", desc="captioning", disable=len(paths) < 2 * args.batch_size)
-        for path, captions, error in captioner.iter_captions(paths, decode=decode, batch_size=args.batch_size):
+        bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=len(todo) < 2 * args.batch_size)
+        for path, captions, error in captioner.iter_captions(todo, decode=decode, batch_size=args.batch_size):
             bar.update(1)
             if error:
                 failures.append(error)
-                continue
-            writer(path, captions)
-            done += 1
+                if errors:
+                    errors.add(path, error)
+            elif writer:
+                writer.add(path, captions)
+                done += 1
+            else:
+                for c in captions:
+                    print(f"{path}\t{c}", flush=True)
+                done += 1
+            if writer and (done + len(failures)) % args.batch_size == 0:
+                writer.flush()  # one committed write per batch
         bar.close()
     finally:
-        close()
+        if writer:
+            writer.close()
+            errors.close()
     if failures:
         print(f"{len(failures)} input(s) failed:", file=sys.stderr)
         for line in failures:
             print(f"  {line}", file=sys.stderr)
-    print(f"captioned {done} image(s), {len(failures)} failed", file=sys.stderr)
+        if errors:
+            print(f"failures listed in {errors.path}", file=sys.stderr)
+    print(f"captioned {done} image(s), {len(failures)} failed, {skipped} skipped (already in the output)",
+          file=sys.stderr)
     return EXIT_FAILURES if failures else EXIT_OK
-
-
-def _open_output(output: str | None, fmt: str | None, *, num_captions: int):
-    """A writer(path, captions) for stdout (path<TAB>caption), JSONL or CSV; flushed per line."""
-    if output is None:
-        def write_tsv(path, captions):
-            for c in captions:
-                print(f"{path}\t{c}", flush=True)
-        return write_tsv, lambda: None
-    fmt = fmt or ("csv" if output.endswith(".csv") else "jsonl")
-    f = open(output, "w", newline="", encoding="utf-8")
-    if fmt == "csv":
-        w = csv.writer(f)
-        w.writerow(["image", "caption"] if num_captions == 1 else ["image", "rank", "caption"])
-
-        def write_csv(path, captions):
-            for rank, c in enumerate(captions):
-                w.writerow([path, c] if num_captions == 1 else [path, rank, c])
-            f.flush()
-        return write_csv, f.close
-
-    def write_jsonl(path, captions):
-        row = {"image": path, "caption": captions[0]}
-        if num_captions > 1:
-            row["captions"] = captions
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-    return write_jsonl, f.close
 
 
 SCORE_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIPScore",
@@ -300,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns (quote globs)")
     p.add_argument("--output", "-o", help="write results to this file (.jsonl or .csv) instead of stdout")
     p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: from the file extension)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the results already "
+                                                         "in --output and caption only the other images")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--errors", help="where failures go (JSONL; default: OUTPUT.errors.jsonl)")
     add_captioning_flags(p, cmd_caption)
 
     p = sub.add_parser("eval", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr, CLIPScore)",

@@ -4,19 +4,22 @@ A caption set is a list of `CaptionExample` (image id, image path, reference cap
 problem rows with file and line, skip them and count them; `strict=True` makes them errors.
 
 Formats: HF imagefolder (`read_imagefolder`), COCO captions JSON (`read_coco_captions`), Karpathy split
-JSON (`read_karpathy`), CSV/TSV/JSONL tables (`read_caption_table`); `load_caption_set` picks one by path.
+JSON (`read_karpathy`), CSV/TSV/JSONL tables (`read_caption_table`), any Hugging Face `datasets` dataset
+(`read_hf_dataset`: save_to_disk directories, local data files, hf:NAME); `load_caption_set` picks one by path.
 For scoring: `load_references` ({image id: [captions]}) and `read_predictions` ({image id: caption}).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import glob
 import io
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Callable, Iterable, Iterator, Sequence
@@ -184,7 +187,8 @@ _REFERENCE_FORMATS = ("COCO captions JSON ('images' + 'annotations'), Karpathy s
                       "'sentences'), an imagefolder directory (metadata.jsonl, optionally in a split folder), "
                       "or a .csv/.tsv/.jsonl table with image and caption columns")
 _CAPTION_SET_FORMATS = ("an imagefolder directory (metadata.jsonl), a COCO captions or Karpathy split .json, "
-                        "or a .csv/.tsv/.jsonl table")
+                        "a .csv/.tsv/.jsonl table, or a `datasets` dataset (a save_to_disk directory, a "
+                        ".parquet/.arrow file, or hf:OWNER/NAME)")
 
 _Bad = Callable[[str, str], None]
 
@@ -631,18 +635,272 @@ def load_references(path: str | Path, *, split: str = "test") -> dict[str, list[
     return {ex.image_id: ex.captions for ex in examples}
 
 
+# ------------------------------------------------------------------ Hugging Face `datasets`
+#
+# `read_hf_dataset` reads any `datasets` dataset: a directory written by `save_to_disk`, a local data
+# directory or file `load_dataset` understands (imagefolder, parquet, csv, json, arrow), or a hub name
+# "hf:owner/name" (optionally "hf:owner/name:config"). The rest of the project needs image FILES (the
+# feature cache keys on path, size and mtime), so images that are not files on disk are written once to
+# `cache_dir/<dataset fingerprint>/<split>/<row index>.<ext>` and reused by later reads.
+
+HF_PREFIX = "hf:"
+HF_SAVED_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")  # what save_to_disk writes
+HF_IMAGE_COLUMNS = ("image", "img", "file_name", "filepath", "image_path", "path")  # tried when none is named
+HF_CAPTION_COLUMNS = ("caption", "captions", "text")
+HF_ID_COLUMNS = ("image_id", "id")  # first present (and not the image/caption column) gives image ids
+DEFAULT_HF_IMAGE_CACHE = Path("~/.cache/captioner/hf_images")
+_HF_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv", ".json": "json",
+                     ".jsonl": "json", ".ndjson": "json", ".txt": "text"}
+_PIL_FORMAT_EXT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp",
+                   "TIFF": ".tif"}
+
+
+def is_saved_hf_dataset(path: str | Path) -> bool:
+    """Whether `path` is a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in HF_SAVED_MARKERS)
+
+
+@contextlib.contextmanager
+def _hf_offline():
+    """`datasets` and `huggingface_hub` use local files and caches only (no download retries)."""
+    import datasets.config as ds_config
+    import huggingface_hub.constants as hub_constants
+
+    old = ds_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    ds_config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        ds_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = old
+
+
+def _load_hf(spec: str):
+    """The Dataset or DatasetDict that `spec` names (see `read_hf_dataset`), or DataError."""
+    import datasets
+
+    if spec.startswith(HF_PREFIX):
+        name, _, config = spec[len(HF_PREFIX):].partition(":")
+        if not name.strip():
+            raise DataError(f"{spec}: no dataset name after 'hf:' (e.g. hf:nlphuji/flickr30k)")
+        from . import encoders
+
+        if not encoders.hub_reachable():
+            try:  # a dataset loaded once before is in the local cache
+                with _hf_offline():
+                    return datasets.load_dataset(name, config or None)
+            except Exception:
+                raise DataError(
+                    f"{spec}: the Hugging Face hub is unreachable and the dataset is not in the local cache; "
+                    "use a local path instead: a directory written by save_to_disk (on a machine with internet: "
+                    "datasets.load_dataset(NAME).save_to_disk(DIR)), or a local data directory or file "
+                    "(imagefolder, parquet, csv, json)") from None
+        try:
+            return datasets.load_dataset(name, config or None)
+        except Exception as e:
+            raise DataError(f"{spec}: could not load the dataset from the hub ({type(e).__name__}: {e})") from None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"{spec}: no such file or directory (a hub dataset is named hf:OWNER/NAME)")
+    try:
+        with _hf_offline():
+            if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+                return datasets.load_from_disk(str(path))
+            if path.is_dir():
+                return datasets.load_dataset(str(path.resolve()))
+            builder = _HF_FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(f"{spec}: unknown data file type (one of {', '.join(_HF_FILE_BUILDERS)}, or a "
+                                "directory)")
+            extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+            return datasets.load_dataset(builder, data_files=str(path.resolve()), **extra)
+    except DataError:
+        raise
+    except Exception as e:  # the datasets library raises many kinds; all mean "not loadable"
+        raise DataError(f"{spec}: could not load it as a datasets dataset ({type(e).__name__}: {e})") from None
+
+
+def _pick_column(spec: str, columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(f"{spec}: no {what} column {wanted!r} (columns: {', '.join(map(repr, columns))})")
+        return wanted
+    found = next((c for c in candidates if c in columns), None)
+    if found is None:
+        raise DataError(f"{spec}: no {what} column (looked for {', '.join(map(repr, candidates))}; columns: "
+                        f"{', '.join(map(repr, columns))}); name it with --{what}-column")
+    return found
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise DataError(f"{target}: cannot write the image cache ({e.strerror or e})") from None
+
+
+def _hf_image_file(value, *, root: Path | None, folder: Path, index: int) -> tuple[str, str | None]:
+    """One image cell -> (path of an image file, None), or ("", reason). A path that exists (absolute, or
+    relative to the dataset's folder; a bare path string also relative to the working directory) is used as
+    is; image bytes or a decoded image are written once to folder/<index>.<ext>."""
+    data = None
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        try:
+            value.save(buf, format="PNG")
+        except (OSError, ValueError) as e:
+            return "", f"image cannot be encoded ({e})"
+        data, name = buf.getvalue(), "x.png"
+    elif isinstance(value, dict) and ("bytes" in value or "path" in value):
+        data, name = value.get("bytes"), value.get("path")
+    elif isinstance(value, str):
+        name = value
+    elif value is None:
+        return "", "no image"
+    else:
+        return "", f"image cell holds {type(value).__name__}, not an image, a path or {{'bytes', 'path'}}"
+    if data is not None and not isinstance(data, (bytes, bytearray)):
+        return "", f"image 'bytes' must be bytes, not {type(data).__name__}"
+    if name is not None and not isinstance(name, str):
+        return "", f"image path must be a string, not {type(name).__name__}"
+    if name and not isinstance(value, Image.Image):
+        if not _is_utf8(name) or "\x00" in name:
+            return "", "image path is not a valid path"
+        p = Path(name).expanduser()
+        candidates = [p] if p.is_absolute() else [*([root / p] if root is not None else []),
+                                                  *([p] if data is None else [])]
+        for c in candidates:
+            try:
+                if c.is_file():
+                    return str(c), None
+            except OSError:
+                continue
+    if not data:
+        return "", f"image file {name!r} not found" if name else "image has neither bytes nor a path"
+    ext = Path(name).suffix.lower() if name else ""
+    if ext not in IMAGE_EXTENSIONS:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format or ""
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return "", "image bytes are not a recognised image"
+        ext = _PIL_FORMAT_EXT.get(fmt, "." + fmt.lower())
+    target = folder / f"{index}{ext}"
+    try:
+        present = target.stat().st_size == len(data)
+    except OSError:
+        present = False
+    if not present:
+        _write_atomic(target, bytes(data))
+    return str(target), None
+
+
+def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = "image",
+                    caption_column: str | None = "caption", strict: bool = False,
+                    cache_dir: str | Path | None = None) -> tuple[list[CaptionExample], ReadReport]:
+    """Any `datasets` dataset as a caption set. `spec`: a directory written by `save_to_disk` (Dataset or
+    DatasetDict), a local data directory or file that `load_dataset` reads (imagefolder, parquet, csv,
+    json, arrow), or a hub name "hf:owner/name[:config]" (offline: the local datasets cache only, else a
+    DataError asking for a local path).
+
+    `split` picks a split of a DatasetDict (an error lists the splits; None works for a single split); a
+    single Dataset is one split already and `split` only labels its examples. The image column may hold
+    decoded images, {'bytes', 'path'} dicts or path strings; an existing file is used where it is, other
+    images are written once to `cache_dir/<fingerprint>/<split>/<row>.<ext>` (default
+    `DEFAULT_HF_IMAGE_CACHE`) and reused later. The caption column holds a string or a list of strings.
+    image_id is the `image_id`/`id` column (as a string) when there is one, rows with equal ids being
+    merged (the first row's image is kept), else "<split>/<row>". A column of None is auto-detected
+    (`HF_IMAGE_COLUMNS`, `HF_CAPTION_COLUMNS`). Problem rows are reported as "SPEC: split[row]: reason"."""
+    import datasets
+
+    spec = str(spec)
+    loaded = _load_hf(spec)
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        names = list(loaded.keys())
+        if split is None and len(names) == 1:
+            split = names[0]
+        if split is None or split not in loaded:
+            what = "no split given" if split is None else f"no split {split!r}"
+            raise DataError(f"{spec}: {what} (available splits: {', '.join(map(repr, names))})")
+        ds, label = loaded[split], split
+    else:
+        ds = loaded
+        label = split or (str(ds.split) if getattr(ds, "split", None) else "train")
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(f"{spec}: a streaming dataset is not supported (load it as a map-style Dataset)")
+    columns = list(ds.column_names)
+    image_column = _pick_column(spec, columns, image_column, HF_IMAGE_COLUMNS, "image")
+    caption_column = _pick_column(spec, columns, caption_column, HF_CAPTION_COLUMNS, "caption")
+    id_column = next((c for c in HF_ID_COLUMNS if c in columns and c not in (image_column, caption_column)), None)
+    fingerprint = str(getattr(ds, "_fingerprint", None) or "unknown")
+    ds = ds.select_columns(list(dict.fromkeys([image_column, caption_column, *([id_column] if id_column else [])])))
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # raw bytes and paths, no decoding
+    spec_path = Path(spec).expanduser() if not spec.startswith(HF_PREFIX) else None
+    root = (spec_path if spec_path.is_dir() else spec_path.parent) if spec_path is not None else None
+    safe_label = "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in label) or "split"
+    folder = Path(cache_dir if cache_dir is not None else DEFAULT_HF_IMAGE_CACHE).expanduser() / fingerprint / safe_label
+
+    report = ReadReport(source=spec)
+    bad = _reporter(report, strict)
+    by_id: dict[str, CaptionExample] = {}
+    for index, row in enumerate(ds):
+        where = f"{spec}: {label}[{index}]"
+        caps, reason = _clean_captions(row[caption_column])
+        if reason is not None:
+            bad(where, reason)
+            continue
+        if id_column is not None:
+            raw_id = row[id_column]
+            if not _is_id(raw_id):
+                bad(where, f"{id_column} must be a non-empty string or an integer, not {raw_id!r}")
+                continue
+            key = str(raw_id)
+            if key in by_id:
+                by_id[key].captions.extend(caps)
+                continue
+        else:
+            key = f"{label}/{index}"
+        image, reason = _hf_image_file(row[image_column], root=root, folder=folder, index=index)
+        if reason is not None:
+            bad(where, reason)
+            continue
+        by_id[key] = CaptionExample(image_id=key, image=image, captions=caps, split=label)
+    return _finish(report, list(by_id.values()), f"no usable rows in split {label!r}")
+
+
 def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = False, image_column: str | None = None,
-                     caption_column: str | None = None, image_root: str | Path | None = None
-                     ) -> tuple[list[CaptionExample], ReadReport]:
+                     caption_column: str | None = None, image_root: str | Path | None = None,
+                     cache_dir: str | Path | None = None) -> tuple[list[CaptionExample], ReadReport]:
     """A caption set for training or evaluation: a directory -> `read_imagefolder` (its `split` folder
     when that exists, else the directory itself); a .json -> `read_coco_captions` or `read_karpathy` by
     content (a COCO file is one split already: `split` only labels its examples); a .csv/.tsv/.jsonl ->
     `read_caption_table` (columns auto-detected unless named). `image_root` (COCO/Karpathy only; default:
-    the JSON's folder) is where image paths start. Images must exist."""
+    the JSON's folder) is where image paths start. Images must exist.
+
+    `read_hf_dataset` (a `datasets` dataset; `cache_dir` is where images that are not files go) reads
+    "hf:owner/name" hub names, directories written by `save_to_disk`, .parquet/.arrow files, and
+    directories without metadata.jsonl when an image or caption column is named."""
     path = Path(spec)
-    if image_root is not None and (path.is_dir() or path.suffix.lower() != ".json"):
+    if image_root is not None and (str(spec).startswith(HF_PREFIX) or path.is_dir() or path.suffix.lower() != ".json"):
         raise DataError(f"{path}: an image root applies only to COCO/Karpathy JSON files (image paths of an "
                         "imagefolder or a table are relative to its own folder)")
+    if str(spec).startswith(HF_PREFIX) or is_saved_hf_dataset(path) or (
+            path.is_file() and path.suffix.lower() in (".parquet", ".arrow")) or (
+            path.is_dir() and (image_column or caption_column) and not (path / "metadata.jsonl").is_file()
+            and not (split and (path / split / "metadata.jsonl").is_file())):
+        return read_hf_dataset(str(spec), split, image_column=image_column, caption_column=caption_column,
+                               strict=strict, cache_dir=cache_dir)
     if path.is_dir():
         return read_imagefolder(path, split if split and (path / split).is_dir() else None, strict=strict)
     if not path.exists():

@@ -267,6 +267,14 @@ class _Logger:
             self.tb.flush()
 
 
+def _latest_state(out: Path) -> Path | None:
+    """The newest complete saved state: state/, or state.old/ if a kill fell between the two renames."""
+    for name in ("state", "state.old"):
+        if (out / name / "progress.json").exists():
+            return out / name
+    return None
+
+
 def _save_state(accelerator, out: Path, progress: dict) -> None:
     """Resumable state, swapped in atomically: a kill mid-save leaves the previous state intact."""
     tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
@@ -279,6 +287,7 @@ def _save_state(accelerator, out: Path, progress: dict) -> None:
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(json.dumps(progress))
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier kill; final is complete
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -299,8 +308,8 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
     set_seed(config.seed)
     out = Path(config.output_dir)
     main_proc = accelerator.is_main_process
-    state_dir = out / "state"
-    resuming = config.resume and state_dir.exists()
+    state_dir = _latest_state(out)
+    resuming = config.resume and state_dir is not None
     if config.resume and not resuming:
         logger.info("--resume: no state in %s, starting from scratch", out)
     if main_proc:

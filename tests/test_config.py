@@ -77,3 +77,31 @@ def test_yaml_config_file(tmp_path, monkeypatch):
     assert (seen["cfg"].epochs, seen["cfg"].model.mapper) == (4, "transformer")
     path.write_text("data: [unclosed\n")
     assert main(["train", "--config", str(path)]) == 2
+
+
+from hypothesis import given, settings, strategies as st
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+                           max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.dictionaries(st.sampled_from(["mapper", "prefix_length", "finetune_lm", "clip_config", "prompt",
+                                             "clip_pretrained", "bogus", "mlp_hidden"]), json_values, max_size=4))
+def test_model_config_from_arbitrary_json_raises_only_config_error(data):
+    try:
+        from_dict(ModelConfig, data)
+    except ConfigError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_loading_arbitrary_bytes_raises_only_config_error(raw, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "c.json"
+    path.write_bytes(raw)
+    try:
+        from_dict(DecodeConfig, load_json(path))
+    except ConfigError:
+        pass
