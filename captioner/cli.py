@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -112,6 +113,8 @@ def cmd_caption(args) -> int:
     from .outputs import ErrorLog, ResultWriter
 
     decode = config_from_args(DecodeConfig, args)
+    if args.output_dir:
+        return _caption_sharded(args, decode)
     paths, failures = collect_images(args.images)
     if args.resume and not args.output:
         raise CLIError("--resume needs --output (the file to continue)")
@@ -159,6 +162,42 @@ def cmd_caption(args) -> int:
     return EXIT_FAILURES if failures else EXIT_OK
 
 
+def _caption_sharded(args, decode) -> int:
+    """--output-dir: shard the inputs, caption this process's shards, merge when all are done."""
+    import torch
+
+    from . import sharded
+    from .api import Captioner
+    from .sources import expand_shards
+
+    if args.output:
+        raise CLIError("give either --output (one file) or --output-dir (sharded), not both")
+    rank, world, local_rank = sharded.dist_env()
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    shards = expand_shards(args.images, files_per_shard=args.files_per_shard)
+    captioner = Captioner.from_pretrained(args.model, device=device)
+    t0 = time.perf_counter()
+    results = sharded.run(captioner, shards, args.output_dir, decode=decode, batch_size=args.batch_size,
+                          num_workers=args.num_workers, rank=rank, world=world, write_tars=args.write_shards)
+    n = sum(r.captioned + r.failed for r in results)
+    failed = sum(r.failed for r in results)
+    print(f"[rank {rank}/{world}] {len(results)} shard(s) captioned ({len(shards[rank::world]) - len(results)} "
+          f"already done): {n - failed} images captioned, {failed} failed, "
+          f"{n / max(time.perf_counter() - t0, 1e-9):.1f} images/s", file=sys.stderr)
+    return EXIT_FAILURES if failed else EXIT_OK
+
+
+def cmd_merge(args) -> int:
+    from . import sharded
+
+    if not sharded.merge(args.output_dir):
+        raise CLIError(f"{args.output_dir}: some shards are not done yet; rerun the captioning job to finish them")
+    index = json.loads((Path(args.output_dir) / "index.json").read_text())
+    print(f"merged {len(index['shards'])} shards: {index['rows']} captions, {index['failed']} failed items "
+          f"-> {Path(args.output_dir) / 'captions.jsonl'}")
+    return EXIT_OK
+
+
 SCORE_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIPScore",
                "RefCLIPScore")
 
@@ -204,7 +243,8 @@ def cmd_eval(args) -> int:
 
     decode = config_from_args(DecodeConfig, args)
     captioner = Captioner.from_pretrained(args.model, device=args.device)
-    examples, _ = load_caption_set(args.data, args.split, strict=args.strict, image_root=args.image_root)
+    examples, _ = load_caption_set(args.data, args.split, strict=args.strict, image_root=args.image_root,
+                                   image_column=args.image_column, caption_column=args.caption_column)
     if args.limit:
         examples = examples[: args.limit]
     scorer, note = _clip_scorer(args, captioner)
@@ -299,7 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "in --output and caption only the other images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--errors", help="where failures go (JSONL; default: OUTPUT.errors.jsonl)")
+    g = p.add_argument_group("sharded captioning of large collections (inputs: folders, files, WebDataset "
+                             "tars with brace patterns like 'shards/{00000..00999}.tar', parquet/CSV)")
+    g.add_argument("--output-dir", help="sharded mode: one output file per shard in DIR/shards, merged into "
+                                        "DIR/captions.jsonl; under torchrun/accelerate launch each process takes "
+                                        "its share of the shards; rerunning continues where it stopped")
+    g.add_argument("--files-per-shard", type=int, default=1000, help="loose image files per shard (default: 1000)")
+    g.add_argument("--num-workers", type=int, default=2, help="image decoding workers per process (default: 2)")
+    g.add_argument("--write-shards", choices=["txt", "json"], help="also write WebDataset tars with a caption "
+                                                                  "member per key to DIR/wds")
     add_captioning_flags(p, cmd_caption)
+
+    p = sub.add_parser("merge", help="merge the per-shard outputs of a sharded captioning run",
+                       description="Write DIR/captions.jsonl and DIR/index.json from DIR/shards once every shard "
+                                   "is done (idempotent).")
+    p.add_argument("output_dir", help="the --output-dir of the captioning run")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("eval", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr, CLIPScore)",
                        description="Caption every image of a caption set split with a saved captioner and "
@@ -307,10 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokenizer), plus CLIPScore/RefCLIPScore. Writes scores.json, "
                                    "predictions.json and an HTML report with --output-dir.")
     p.add_argument("--data", required=True, help="caption set: imagefolder directory, COCO captions JSON, "
-                                                 "Karpathy split JSON, or a CSV/TSV/JSONL table")
+                                                 "Karpathy split JSON, a CSV/TSV/JSONL table, or a Hugging Face "
+                                                 "dataset (save_to_disk folder, parquet, hf:NAME)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--image-root", help="folder image paths start from (COCO/Karpathy files; default: the "
                                         "file's folder)")
+    p.add_argument("--image-column", help="image column of a table or Hugging Face dataset (default: auto)")
+    p.add_argument("--caption-column", help="caption column of a table or Hugging Face dataset (default: auto)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--strict", action="store_true", help="malformed rows in the caption set are errors")
     p.add_argument("--output-dir", help="write scores.json, predictions.json and report.html here")
@@ -361,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError, ImageError
     from .encoders import ModelLoadError
     from .metrics import MetricsError
+    from .sources import SourceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -372,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("captioner").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except (CLIError, ConfigError, CheckpointError, DataError, ImageError, ModelLoadError, MetricsError) as e:
+    except (CLIError, ConfigError, CheckpointError, DataError, ImageError, ModelLoadError, MetricsError,
+            SourceError) as e:
         print(f"captioner {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -26,18 +26,20 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from .images import ImageError, load_image  # noqa: F401  (re-exported: the data layer's image reader)
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-MAX_CAPTION_CHARS = 1000  # longer captions are rejected as malformed rows
+# Input limits (documented in README "Limits"): rows over them are reported and skipped, files over
+# them are errors.
+MAX_CAPTION_CHARS = 1000  # characters in one caption
+MAX_REFERENCES = 100  # reference captions in one row
+MAX_FILE_BYTES = 4 * 2**30  # a caption-set, reference or prediction file read whole (COCO Karpathy: 140 MB)
 
 
 class DataError(ValueError):
     """A caption set or an input path is malformed; the message names the file (and line)."""
-
-
-class ImageError(ValueError):
-    """One image could not be read; the message names the file and the reason."""
 
 
 @dataclass
@@ -58,28 +60,6 @@ class ReadReport:
 
     def summary(self) -> str:
         return f"{self.source}: {self.kept} images kept, {len(self.problems)} rows skipped"
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB, or raise ImageError naming the file and the reason."""
-    path = str(path)
-    if os.path.isdir(path):
-        raise ImageError(f"{path}: is a directory, not an image")
-    if not os.path.exists(path):
-        reason = "broken symlink" if os.path.islink(path) else "no such file"
-        raise ImageError(f"{path}: {reason}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: image too large ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: unreadable image ({e})") from None
 
 
 def collect_images(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -157,6 +137,9 @@ def read_imagefolder(root: str | Path, split: str | None = None, *, strict: bool
                 continue
             if any(len(c) > MAX_CAPTION_CHARS for c in caps):
                 bad(lineno, f"caption longer than {MAX_CAPTION_CHARS} characters")
+                continue
+            if len(caps) > MAX_REFERENCES:
+                bad(lineno, f"more than {MAX_REFERENCES} captions in one row")
                 continue
             path = folder / row["file_name"]
             if Path(row["file_name"]).is_absolute() or not _inside(folder, path):
@@ -246,6 +229,8 @@ def _clean_captions(value, *, allow_list: bool = True) -> tuple[list[str], str |
         return [], "no non-empty caption"
     if any(len(c) > MAX_CAPTION_CHARS for c in caps):
         return [], f"caption longer than {MAX_CAPTION_CHARS} characters"
+    if len(caps) > MAX_REFERENCES:
+        return [], f"more than {MAX_REFERENCES} captions in one row"
     return caps, None
 
 
@@ -277,6 +262,8 @@ def _check_image(root: Path, name, *, require_images: bool) -> tuple[str, str | 
 
 def _read_bytes(path: Path) -> bytes:
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise DataError(f"{path}: larger than {MAX_FILE_BYTES / 2**30:.0f} GiB (MAX_FILE_BYTES); split it")
         return path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
@@ -713,11 +700,21 @@ def _load_hf(spec: str):
                 raise DataError(f"{spec}: unknown data file type (one of {', '.join(_HF_FILE_BUILDERS)}, or a "
                                 "directory)")
             extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-            return datasets.load_dataset(builder, data_files=str(path.resolve()), **extra)
+            return datasets.load_dataset(builder, data_files=str(path.resolve()), split="train", **extra)  # one split
     except DataError:
         raise
     except Exception as e:  # the datasets library raises many kinds; all mean "not loadable"
         raise DataError(f"{spec}: could not load it as a datasets dataset ({type(e).__name__}: {e})") from None
+
+
+def _saved_split_name(spec: str) -> str | None:
+    """The split name of a Dataset folder inside a saved DatasetDict (parent/dataset_dict.json lists it)."""
+    path = Path(spec).expanduser()
+    try:
+        splits = json.loads((path.parent / "dataset_dict.json").read_text("utf-8")).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    return path.name if path.name in splits else None
 
 
 def _pick_column(spec: str, columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str:
@@ -814,7 +811,8 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
     DataError asking for a local path).
 
     `split` picks a split of a DatasetDict (an error lists the splits; None works for a single split); a
-    single Dataset is one split already and `split` only labels its examples. The image column may hold
+    single Dataset or data file is one split already and `split` only labels its examples (default: the
+    dataset's own split name, or its folder's name inside a saved DatasetDict, else "train"). The image column may hold
     decoded images, {'bytes', 'path'} dicts or path strings; an existing file is used where it is, other
     images are written once to `cache_dir/<fingerprint>/<split>/<row>.<ext>` (default
     `DEFAULT_HF_IMAGE_CACHE`) and reused later. The caption column holds a string or a list of strings.
@@ -835,7 +833,7 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
         ds, label = loaded[split], split
     else:
         ds = loaded
-        label = split or (str(ds.split) if getattr(ds, "split", None) else "train")
+        label = split or (str(ds.split) if getattr(ds, "split", None) else _saved_split_name(spec) or "train")
     if not isinstance(ds, datasets.Dataset):
         raise DataError(f"{spec}: a streaming dataset is not supported (load it as a map-style Dataset)")
     columns = list(ds.column_names)
@@ -849,7 +847,8 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
     spec_path = Path(spec).expanduser() if not spec.startswith(HF_PREFIX) else None
     root = (spec_path if spec_path.is_dir() else spec_path.parent) if spec_path is not None else None
     safe_label = "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in label) or "split"
-    folder = Path(cache_dir if cache_dir is not None else DEFAULT_HF_IMAGE_CACHE).expanduser() / fingerprint / safe_label
+    cache_root = Path(cache_dir if cache_dir is not None else DEFAULT_HF_IMAGE_CACHE).expanduser()
+    folder = cache_root / fingerprint / safe_label
 
     report = ReadReport(source=spec)
     bad = _reporter(report, strict)

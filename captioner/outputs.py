@@ -27,8 +27,8 @@ def _complete_lines(path: Path) -> bytes:
     return data[:cut]
 
 
-def captioned_images(path: str | Path, fmt: str) -> set[str]:
-    """Images already present in a (possibly interrupted) result file."""
+def captioned_images(path: str | Path, fmt: str, *, id_field: str = "image") -> set[str]:
+    """Ids (`id_field` of each row) already present in a (possibly interrupted) result file."""
     path = Path(path)
     if not path.exists():
         return set()
@@ -41,7 +41,7 @@ def captioned_images(path: str | Path, fmt: str) -> set[str]:
         if not line.strip():
             continue
         try:
-            done.add(json.loads(line)["image"])
+            done.add(json.loads(line)[id_field])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise DataError(f"{path}:{lineno}: not a caption result line; cannot resume into this file") from None
     return done
@@ -51,25 +51,26 @@ class ResultWriter:
     """Appends caption results; `flush()` commits the buffered rows to disk in one write."""
 
     def __init__(self, path: str | Path, *, fmt: str | None = None, num_captions: int = 1, resume: bool = False,
-                 overwrite: bool = False):
-        self.path = Path(path)
+                 overwrite: bool = False, id_field: str = "image"):
+        self.path, self.id_field = Path(path), id_field
         self.fmt = fmt or ("csv" if self.path.suffix.lower() == ".csv" else "jsonl")
         self.num_captions = num_captions
         if self.path.exists() and not (resume or overwrite):
             raise DataError(f"{self.path}: exists; pass --resume to continue it or --overwrite to replace it")
-        self.done = captioned_images(self.path, self.fmt) if resume else set()
+        self.done = captioned_images(self.path, self.fmt, id_field=id_field) if resume else set()
         self.f = open(self.path, "a" if resume else "w", newline="", encoding="utf-8")
         self.buffer = io.StringIO()
         self.writer = csv.writer(self.buffer)
         if self.fmt == "csv" and self.f.tell() == 0:
-            self.writer.writerow(["image", "caption"] if num_captions == 1 else ["image", "rank", "caption"])
+            self.writer.writerow([id_field, "caption"] if num_captions == 1 else [id_field, "rank", "caption"])
 
-    def add(self, image: str, captions: list[str]) -> None:
+    def add(self, image: str, captions: list[str], **extra) -> None:
+        """One result row; `extra` fields (JSONL only) follow the id, e.g. the source of a shard item."""
         if self.fmt == "csv":
             for rank, c in enumerate(captions):
                 self.writer.writerow([image, c] if self.num_captions == 1 else [image, rank, c])
         else:
-            row = {"image": image, "caption": captions[0]}
+            row = {self.id_field: image, **extra, "caption": captions[0]}
             if self.num_captions > 1:
                 row["captions"] = captions
             self.buffer.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -41,12 +41,17 @@ def _doc(text, **kw):
 class TrainConfig:
     """A training run. `model` nests the ModelConfig of the captioner being trained."""
 
-    data: str = _doc("Caption set: imagefolder directory, COCO captions JSON, Karpathy split JSON, or a "
-                     "CSV/TSV/JSONL table of image,caption rows.", default="")
+    data: str = _doc("Caption set: imagefolder directory, COCO captions JSON, Karpathy split JSON, a "
+                     "CSV/TSV/JSONL table of image,caption rows, or a Hugging Face dataset (a save_to_disk "
+                     "folder, a parquet file, or hf:NAME).", default="")
     image_root: str | None = _doc("Folder image paths are relative to (COCO/Karpathy; default: the file's "
                                   "folder).", default=None)
     output_dir: str = _doc("Run directory: config, metrics.jsonl, last/, best/ and state/.",
                            default="runs/captioner")
+    image_column: str | None = _doc("Image column of a table or Hugging Face dataset (default: auto-detect).",
+                                    default=None)
+    caption_column: str | None = _doc("Caption column of a table or Hugging Face dataset (default: auto-detect).",
+                                      default=None)
     train_split: str = _doc("Split used for training (Karpathy: train, restval, train+restval).", default="train")
     val_split: str | None = _doc("Split used for validation (none to skip).", default="val")
     strict: bool = _doc("Malformed rows in the caption set are errors instead of being skipped.", default=False)
@@ -318,9 +323,12 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
         with open(out / "command.txt", "a") as f:
             f.write(" ".join(argv if argv is not None else sys.argv) + "\n")
 
-    train_ex, _ = load_caption_set(config.data, config.train_split, strict=config.strict, image_root=config.image_root)
-    val_ex = (load_caption_set(config.data, config.val_split, strict=config.strict, image_root=config.image_root)[0]
-              if config.val_split else [])
+    def read(split):
+        return load_caption_set(config.data, split, strict=config.strict, image_root=config.image_root,
+                                image_column=config.image_column, caption_column=config.caption_column)[0]
+
+    train_ex = read(config.train_split)
+    val_ex = read(config.val_split) if config.val_split else []
     if val_ex and {ex.image for ex in val_ex} == {ex.image for ex in train_ex}:
         logger.warning("%s has no separate %r split (COCO files and tables are one split each): validation "
                        "would repeat the training images, so it is skipped; pass --val-split none to silence this",

@@ -11,7 +11,7 @@ from PIL import Image
 
 from captioner.data import (MAX_CAPTION_CHARS, DataError, ImageError, collect_images, load_caption_set,
                             load_image, load_references, read_caption_table, read_coco_captions,
-                            read_imagefolder, read_karpathy, read_predictions)
+                            read_hf_dataset, read_imagefolder, read_karpathy, read_predictions)
 
 
 def _folder(tmp_path, lines):
@@ -69,7 +69,7 @@ def test_collect_images_and_load_errors(tmp_path):
         load_image(tmp_path / "link.png")
     good = (tmp_path / "sub" / "x.jpg").read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(good[: len(good) // 2])
-    with pytest.raises(ImageError, match="trunc.jpg: unreadable image"):
+    with pytest.raises(ImageError, match="trunc.jpg: truncated"):
         load_image(tmp_path / "trunc.jpg")
 
 
@@ -398,3 +398,138 @@ def test_arbitrary_bytes_only_ever_raise_data_error(data):
                     call()
                 except DataError:
                     pass
+
+
+# ------------------------------------------------------------------ Hugging Face `datasets` caption sets
+
+def _hf():
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _hf_images(n):
+    colours = [(255, 0, 0), (0, 128, 255), (10, 200, 30), (90, 90, 90), (250, 250, 0)]
+    return [Image.new("RGB", (5 + i, 4 + 2 * i), colours[i % len(colours)]) for i in range(n)]
+
+
+def _pixels(im):
+    return im.size, im.convert("RGB").tobytes()
+
+
+def test_hf_saved_dataset_images_are_materialised_once(tmp_path):
+    datasets = _hf()
+    originals = _hf_images(4)
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))})
+    ds = datasets.Dataset.from_dict({"image": originals, "caption": [["a red  box", "red"], ["a blue box"], [], None]},
+                                    features=features)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    cache = tmp_path / "cache"
+    examples, report = load_caption_set(tmp_path / "ds", "train", cache_dir=cache)
+    assert [(e.image_id, e.captions, e.split) for e in examples] == [("train/0", ["a red box", "red"], "train"),
+                                                                    ("train/1", ["a blue box"], "train")]
+    assert report.kept == 2 and [p.split(": ", 1)[1] for p in report.problems] == [
+        "train[2]: no non-empty caption", "train[3]: caption must be a string or a list of strings"]
+    for ex, original in zip(examples, originals):
+        assert os.path.isfile(ex.image) and ex.image.startswith(str(cache))
+        assert _pixels(load_image(ex.image)) == _pixels(original)
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["0.png", "1.png"]  # bad rows: no file
+    old = 1_000_000_000
+    for ex in examples:
+        os.utime(ex.image, ns=(old, old))
+    again, _ = load_caption_set(tmp_path / "ds", "train", cache_dir=cache)
+    assert [e.image for e in again] == [e.image for e in examples]
+    assert all(os.stat(e.image).st_mtime_ns == old for e in again)  # reused, not rewritten
+    with pytest.raises(DataError, match=r"train\[2\]: no non-empty caption"):
+        read_hf_dataset(str(tmp_path / "ds"), None, strict=True, cache_dir=cache)
+
+
+def test_hf_dataset_dict_splits_ids_and_missing_split(tmp_path):
+    datasets = _hf()
+    ims = _hf_images(5)
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": ims[:3], "caption": ["one", "two", "one again"],
+                                             "image_id": [7, 8, 7]}),
+        "test": datasets.Dataset.from_dict({"image": ims[3:], "caption": ["three", "four"], "image_id": [9, 10]}),
+    })
+    dd.save_to_disk(str(tmp_path / "dd"))
+    train, _ = load_caption_set(tmp_path / "dd", "train", cache_dir=tmp_path / "c")
+    assert [(e.image_id, e.captions, e.split) for e in train] == [("7", ["one", "one again"], "train"),
+                                                                 ("8", ["two"], "train")]
+    test, _ = load_caption_set(tmp_path / "dd", "test", cache_dir=tmp_path / "c")
+    assert [(e.image_id, e.captions, e.split) for e in test] == [("9", ["three"], "test"), ("10", ["four"], "test")]
+    assert _pixels(load_image(test[1].image)) == _pixels(ims[4])
+    assert len({e.image for e in train + test}) == 4
+    with pytest.raises(DataError, match=r"no split 'val' \(available splits: 'train', 'test'\)"):
+        load_caption_set(tmp_path / "dd", "val", cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="no split given"):
+        read_hf_dataset(str(tmp_path / "dd"), None, cache_dir=tmp_path / "c")
+    single, _ = load_caption_set(tmp_path / "dd" / "test", None, cache_dir=tmp_path / "c")  # one split's folder
+    assert [(e.image_id, e.split) for e in single] == [("9", "test"), ("10", "test")]
+
+
+def test_hf_path_string_images_are_used_in_place(tmp_path):
+    datasets = _hf()
+    _images(tmp_path / "pics", "a.png", "b.png")
+    (tmp_path / "ds").mkdir()
+    _images(tmp_path / "ds", "rel.png")  # relative paths start at the dataset's folder
+    ds = datasets.Dataset.from_dict({"file": [str(tmp_path / "pics" / "a.png"), "rel.png",
+                                              str(tmp_path / "pics" / "gone.png"), str(tmp_path / "pics" / "b.png")],
+                                     "text": ["a", "r", "g", "b"]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    cache = tmp_path / "cache"
+    examples, report = load_caption_set(tmp_path / "ds", "val", image_column="file", caption_column="text",
+                                        cache_dir=cache)
+    assert [(e.image_id, e.image, e.captions) for e in examples] == [
+        ("val/0", str(tmp_path / "pics" / "a.png"), ["a"]), ("val/1", str(tmp_path / "ds" / "rel.png"), ["r"]),
+        ("val/3", str(tmp_path / "pics" / "b.png"), ["b"])]
+    assert len(report.problems) == 1
+    assert "val[2]: image file" in report.problems[0] and "not found" in report.problems[0]
+    assert not cache.exists()  # nothing copied
+
+
+def test_hf_missing_column_names_it_and_lists_columns(tmp_path):
+    datasets = _hf()
+    datasets.Dataset.from_dict({"image": _hf_images(1), "sentence": ["x"]}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match=r"no caption column 'caption' \(columns: 'image', 'sentence'\)"):
+        read_hf_dataset(str(tmp_path / "ds"), "train", cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match=r"no image column 'picture' \(columns: 'image', 'sentence'\)"):
+        load_caption_set(tmp_path / "ds", "train", image_column="picture", caption_column="sentence",
+                         cache_dir=tmp_path / "c")
+    examples, _ = load_caption_set(tmp_path / "ds", "train", caption_column="sentence", cache_dir=tmp_path / "c")
+    assert [e.captions for e in examples] == [["x"]]
+
+
+def test_hf_hub_name_offline_fails_fast(monkeypatch):
+    import time
+
+    import captioner.encoders
+
+    _hf()
+    monkeypatch.setattr(captioner.encoders, "hub_reachable", lambda *a, **k: False)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"hf:some/name: the Hugging Face hub is unreachable.*local path"):
+        load_caption_set("hf:some/name", "train")
+    assert time.monotonic() - start < 10
+    with pytest.raises(DataError, match="image root applies only"):
+        load_caption_set("hf:some/name", "train", image_root="/tmp")
+
+
+def test_hf_local_data_files_go_through_load_dataset(tmp_path, monkeypatch):
+    datasets = _hf()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    originals = _hf_images(2)
+    datasets.Dataset.from_dict({"image": originals, "caption": ["p0", "p1"]}).to_parquet(str(tmp_path / "t.parquet"))
+    examples, _ = load_caption_set(tmp_path / "t.parquet", "test", cache_dir=tmp_path / "c")
+    assert [(e.image_id, e.captions, e.split) for e in examples] == [("test/0", ["p0"], "test"),
+                                                                    ("test/1", ["p1"], "test")]  # a file: one split
+    assert [_pixels(load_image(e.image)) for e in examples] == [_pixels(im) for im in originals]
+    # a data directory without metadata.jsonl, read by load_dataset when a column is named (imagefolder + csv)
+    folder = tmp_path / "folder"
+    _images(folder, "x.png", "y.png")
+    (folder / "metadata.csv").write_text("file_name,text\nx.png,an x\ny.png,a y\n")
+    examples, _ = load_caption_set(folder, "train", caption_column="text", cache_dir=tmp_path / "c2")
+    assert sorted((os.path.basename(e.image), e.captions[0]) for e in examples) == [("x.png", "an x"), ("y.png", "a y")]
+    assert all(os.path.dirname(e.image) == str(folder) for e in examples)  # files on disk: used in place
+    assert not (tmp_path / "c2").exists()

@@ -1,0 +1,130 @@
+"""Sharded captioning: two processes == one process, kill + rerun, per-key errors, merge."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+from PIL import Image
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _jpeg(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    import torch
+
+    from captioner.api import Captioner
+    from captioner.tiny import tiny_config
+
+    root = tmp_path_factory.mktemp("sharded")
+    torch.manual_seed(0)
+    Captioner.from_config(tiny_config(tokenizer), tokenizer=tokenizer, device="cpu").save_pretrained(root / "model")
+    (root / "shards").mkdir()
+    for s in range(4):
+        with tarfile.open(root / "shards" / f"{s:05d}.tar", "w") as tar:
+            for i in range(6):
+                key = f"{s:02d}{i:04d}"
+                _add(tar, f"{key}.jpg", _jpeg((40 * i, 60 * s, 100)))
+                _add(tar, f"{key}.json", json.dumps({"i": i}).encode())
+    return root
+
+
+def _cmd(root, out, *extra, procs=1):
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+            "29531"] if procs > 1 else [sys.executable]
+    return [*base, "-m", "captioner", "caption", str(root / "shards" / "{00000..00003}.tar"), "--model",
+            str(root / "model"), "--output-dir", str(out), "--strategy", "greedy", "--max-new-tokens", "12",
+            "--batch-size", "4", "--num-workers", "1", *extra]
+
+
+def _merged(out):
+    return [json.loads(x) for x in (out / "captions.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_equal_one_process_each_key_once(setup, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = subprocess.run(_cmd(setup, one), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = subprocess.run(_cmd(setup, two, procs=2), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert "[rank 0/2]" in r2.stderr and "[rank 1/2]" in r2.stderr
+    a, b = _merged(one), _merged(two)
+    keys = [r["key"] for r in b]
+    assert len(keys) == len(set(keys)) == 24
+    assert {(r["key"], r["caption"]) for r in a} == {(r["key"], r["caption"]) for r in b}
+    index = json.loads((two / "index.json").read_text())
+    assert index["rows"] == 24 and len(index["shards"]) == 4
+    assert all(r["source"].endswith(".jpg") for r in b)
+
+
+def test_killed_run_resumes_without_duplicates_and_keeps_done_shards(setup, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cmd(setup, out, "--batch-size", "1"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        done = list((out / "shards").glob("*.done")) if (out / "shards").exists() else []
+        partial = (out / "shards" / "00001.jsonl")
+        if done and partial.exists() and partial.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*") if p.suffix in (".done", ".jsonl")
+                and (out / "shards" / (p.stem + ".done")).exists()}
+    assert finished and not (out / "captions.jsonl").exists()
+    r = subprocess.run(_cmd(setup, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "already done" in r.stderr
+    for name, mtime in finished.items():
+        assert (out / "shards" / name).stat().st_mtime_ns == mtime  # finished shards untouched
+    keys = [row["key"] for row in _merged(out)]
+    assert len(keys) == len(set(keys)) == 24
+    # the merge is idempotent
+    before = (out / "captions.jsonl").read_bytes()
+    from captioner.cli import main
+    assert main(["merge", str(out)]) == 0
+    assert (out / "captions.jsonl").read_bytes() == before
+
+
+def test_bad_members_reported_per_key_and_shard_continues(setup, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tarfile.open(bad / "00000.tar", "w") as tar:
+        _add(tar, "good1.jpg", _jpeg((255, 0, 0)))
+        _add(tar, "broken.jpg", b"definitely not a jpeg")
+        _add(tar, "noimage.json", b"{}")
+        _add(tar, "trunc.jpg", _jpeg((0, 255, 0))[:100])
+        _add(tar, "good2.png", _jpeg((0, 0, 255)))  # JPEG bytes with a .png name still decode
+    out = tmp_path / "out"
+    from captioner.cli import main
+    code = main(["caption", str(bad / "00000.tar"), "--model", str(setup / "model"), "--output-dir", str(out),
+                 "--strategy", "greedy", "--max-new-tokens", "5", "--num-workers", "0", "--write-shards", "txt"])
+    assert code == 1  # some items failed
+    rows = {r["key"] for r in _merged(out)}
+    assert rows == {"good1", "good2"}
+    errors = {json.loads(x)["key"]: json.loads(x)["error"] for x in
+              (out / "shards" / "00000.errors.jsonl").read_text().splitlines()}
+    assert set(errors) == {"broken", "noimage", "trunc"}
+    assert "no image member" in errors["noimage"]
+    with tarfile.open(out / "wds" / "00000.tar") as tar:
+        names = set(tar.getnames())
+    assert {"good1.txt", "good1.jpg", "good2.txt"} <= names and "broken.txt" not in names
