@@ -17,7 +17,8 @@ from PIL import Image
 
 from . import checkpoint
 from .config import DecodeConfig, ModelConfig
-from .data import CaptionExample, ImageError, load_image
+from .data import CaptionExample
+from .images import MAX_PIXELS, ImageError, load_image
 from .decoding import LMStepper, generate
 from .encoders import build_tokenizer
 from .model import CaptionModel
@@ -111,16 +112,17 @@ class Captioner:
         results = [r[0] if decode.num_captions == 1 else r for r in results]
         return results[0] if single else results
 
-    def iter_captions(self, paths: Sequence[str], *, decode: DecodeConfig | None = None, batch_size: int = 32
-                      ) -> Iterator[tuple[str, list[str] | None, str | None]]:
-        """Stream (path, captions, error) over many files; unreadable files yield an error and the rest
-        of the batch is still captioned. Memory does not grow with the number of images."""
+    def iter_captions(self, paths: Sequence[str], *, decode: DecodeConfig | None = None, batch_size: int = 32,
+                      max_pixels: int | None = MAX_PIXELS) -> Iterator[tuple[str, list[str] | None, str | None]]:
+        """Stream (path, captions, error) over many files; unreadable files (and images over `max_pixels`)
+        yield an error and the rest of the batch is still captioned. Memory does not grow with the
+        number of images."""
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             loaded, failed = [], {}
             for p in chunk:
                 try:
-                    loaded.append((p, load_image(p)))
+                    loaded.append((p, load_image(p, max_pixels=max_pixels)))
                 except ImageError as e:
                     failed[p] = str(e)
             captions = dict(zip([p for p, _ in loaded],

@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 from .config import ConfigError, DecodeConfig, ModelConfig, from_dict, load_config_file, load_json
+from .images import MAX_PIXELS
 
 logger = logging.getLogger("captioner")
 
@@ -131,7 +132,8 @@ def cmd_caption(args) -> int:
     done = 0
     try:
         bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=len(todo) < 2 * args.batch_size)
-        for path, captions, error in captioner.iter_captions(todo, decode=decode, batch_size=args.batch_size):
+        for path, captions, error in captioner.iter_captions(todo, decode=decode, batch_size=args.batch_size,
+                                                             max_pixels=args.max_pixels or None):
             bar.update(1)
             if error:
                 failures.append(error)
@@ -178,7 +180,8 @@ def _caption_sharded(args, decode) -> int:
     captioner = Captioner.from_pretrained(args.model, device=device)
     t0 = time.perf_counter()
     results = sharded.run(captioner, shards, args.output_dir, decode=decode, batch_size=args.batch_size,
-                          num_workers=args.num_workers, rank=rank, world=world, write_tars=args.write_shards)
+                          num_workers=args.num_workers, rank=rank, world=world, write_tars=args.write_shards,
+                          max_pixels=args.max_pixels or None)
     n = sum(r.captioned + r.failed for r in results)
     failed = sum(r.failed for r in results)
     print(f"[rank {rank}/{world}] {len(results)} shard(s) captioned ({len(shards[rank::world]) - len(results)} "
@@ -339,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "in --output and caption only the other images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--errors", help="where failures go (JSONL; default: OUTPUT.errors.jsonl)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"refuse images of more pixels than this, before decoding (decompression-bomb guard; "
+                        f"0: no limit; default: {MAX_PIXELS})")
     g = p.add_argument_group("sharded captioning of large collections (inputs: folders, files, WebDataset "
                              "tars with brace patterns like 'shards/{00000..00999}.tar', parquet/CSV)")
     g.add_argument("--output-dir", help="sharded mode: one output file per shard in DIR/shards, merged into "

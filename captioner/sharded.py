@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from .config import DecodeConfig
-from .images import ImageError, load_image, load_image_bytes
+from .images import MAX_PIXELS, ImageError, load_image, load_image_bytes
 from .outputs import ResultWriter
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 class _Decoded(IterableDataset):
     """Items of one shard, decoded and preprocessed in DataLoader workers (each worker a slice)."""
 
-    def __init__(self, shard, preprocess, skip: set[str]):
-        self.shard, self.preprocess, self.skip = shard, preprocess, skip
+    def __init__(self, shard, preprocess, skip: set[str], max_pixels: int | None):
+        self.shard, self.preprocess, self.skip, self.max_pixels = shard, preprocess, skip, max_pixels
 
     def __iter__(self):
         info = get_worker_info()
@@ -66,7 +66,8 @@ class _Decoded(IterableDataset):
                 yield item.key, item.source, None, item.error
                 continue
             try:
-                image = load_image(item.path) if item.path else load_image_bytes(item.data, name=item.source)
+                image = (load_image(item.path, max_pixels=self.max_pixels) if item.path
+                         else load_image_bytes(item.data, name=item.source, max_pixels=self.max_pixels))
                 yield item.key, item.source, self.preprocess(image), None
             except ImageError as e:
                 yield item.key, item.source, None, str(e)
@@ -86,7 +87,7 @@ class ShardResult:
 
 
 def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batch_size: int = 32,
-                  num_workers: int = 2, desc: str | None = None) -> ShardResult:
+                  num_workers: int = 2, max_pixels: int | None = MAX_PIXELS, desc: str | None = None) -> ShardResult:
     """Caption one shard into OUT/shards/<name>.jsonl, resuming a partial file; mark it done."""
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
                           id_field="key")
     errors_path = shard_dir / f"{shard.name}.errors.jsonl"
     skipped = len(writer.done)
-    loader = DataLoader(_Decoded(shard, captioner.model.image_encoder.preprocess, writer.done), batch_size=batch_size,
+    loader = DataLoader(_Decoded(shard, captioner.model.image_encoder.preprocess, writer.done, max_pixels), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate, prefetch_factor=4 if num_workers else None)
     t0, captioned, failed = time.perf_counter(), 0, 0
     with open(errors_path, "w", encoding="utf-8") as errors, tqdm(desc=desc or shard.name, unit="img") as bar:
@@ -125,7 +126,8 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
 
 
 def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfig, batch_size: int = 32,
-        num_workers: int = 2, rank: int = 0, world: int = 1, write_tars: str | None = None) -> list[ShardResult]:
+        num_workers: int = 2, rank: int = 0, world: int = 1, write_tars: str | None = None,
+        max_pixels: int | None = MAX_PIXELS) -> list[ShardResult]:
     """Caption this process's shards (rank::world), skipping done ones; then try the merge."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +144,7 @@ def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfi
             logger.info("rank %d: shard %s already done", rank, shard.name)
         else:
             r = caption_shard(captioner, shard, out_dir, decode=decode, batch_size=batch_size,
-                              num_workers=num_workers, desc=f"[{rank}/{world}] {shard.name}")
+                              num_workers=num_workers, max_pixels=max_pixels, desc=f"[{rank}/{world}] {shard.name}")
             results.append(r)
             logger.info("rank %d: shard %s done: %d captioned, %d failed, %d resumed, %.1f img/s", rank, shard.name,
                         r.captioned, r.failed, r.skipped, (r.captioned + r.failed) / max(r.seconds, 1e-9))

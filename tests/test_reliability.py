@@ -117,3 +117,16 @@ def test_training_killed_during_checkpoint_write_resumes(setup, tmp_path, tokeni
     assert steps[-1] == total and set(steps) == set(range(1, total + 1))  # every step ran; none is missing
     from captioner.api import Captioner
     Captioner.from_pretrained(out / "last", device="cpu")  # the final checkpoint loads (strict)
+
+
+def test_pixel_limit_is_configurable_from_the_cli(setup, tmp_path, capsys):
+    from captioner.cli import main
+
+    root, data = setup
+    image = sorted((data / "train").glob("*.png"))[0]  # 64 x 64 = 4096 pixels
+    out = tmp_path / "c.jsonl"
+    assert main(["caption", str(image), "--model", str(root / "model"), "-o", str(out), "--max-pixels", "4000",
+                 "--strategy", "greedy", "--max-new-tokens", "3"]) == 1
+    assert "too large (64 x 64 pixels > limit 4000" in capsys.readouterr().err
+    assert main(["caption", str(image), "--model", str(root / "model"), "-o", str(out), "--overwrite",
+                 "--max-pixels", "4096", "--strategy", "greedy", "--max-new-tokens", "3"]) == 0
