@@ -130,3 +130,30 @@ def test_pixel_limit_is_configurable_from_the_cli(setup, tmp_path, capsys):
     assert "too large (64 x 64 pixels > limit 4000" in capsys.readouterr().err
     assert main(["caption", str(image), "--model", str(root / "model"), "-o", str(out), "--overwrite",
                  "--max-pixels", "4096", "--strategy", "greedy", "--max-new-tokens", "3"]) == 0
+
+
+def test_batch_with_many_kinds_of_bad_images(setup, tmp_path, capsys):
+    """Good and bad files mixed in the same batches: every good one captioned, every bad one listed."""
+    from test_images import _bad_files, _good_files
+
+    from captioner.cli import main
+
+    root, _ = setup
+    bad = _bad_files(tmp_path)
+    good = [path for path, _, _ in _good_files(tmp_path)]
+    assert len({reason for _, reason in bad}) >= 15
+    mixed = [str(p) for pair in zip(good, [p for p, _ in bad]) for p in pair]
+    mixed += [str(p) for p in good[len(bad):]] + [str(p) for p, _ in bad[len(good):]]
+    out = tmp_path / "c.jsonl"
+    assert main(["caption", *mixed, "--model", str(root / "model"), "-o", str(out), "--batch-size", "8",
+                 "--strategy", "greedy", "--max-new-tokens", "3"]) == 1
+    captioned = [json.loads(x)["image"] for x in out.read_text().splitlines()]
+    assert sorted(captioned) == sorted(str(p) for p in good)
+    errors = {e["image"]: e["error"] for e in map(json.loads, Path(f"{out}.errors.jsonl").read_text().splitlines())}
+    assert set(errors) == {str(p) for p, _ in bad}
+    for path, reason in bad:
+        if reason == "is a directory":  # the CLI takes folders as inputs: an empty one is reported as such
+            reason = "folder holds no images"
+        assert errors[str(path)].startswith(f"{path}: {reason}"), (errors[str(path)], reason)
+    err = capsys.readouterr().err
+    assert f"{len(bad)} input(s) failed" in err and f"captioned {len(good)} image(s)" in err
