@@ -25,7 +25,7 @@ def trained(shapes_data, tmp_path_factory):
     train_ex, _ = read_imagefolder(shapes_data, "train")
     tok = train_tokenizer([c for ex in train_ex for c in ex.captions])
     tok.save_pretrained(root / "tokenizer")
-    argv = ["train", "--data", str(shapes_data), "--output-dir", str(root / "run"), "--epochs", "10",
+    argv = ["train", "--data", str(shapes_data), "--output-dir", str(root / "run"), "--epochs", "14",
             "--batch-size", "64", "--lr", "2e-3", "--warmup-steps", "30", "--weight-decay", "0",
             "--clip-config", json.dumps(TINY_CLIP), "--clip-pretrained", "none",
             "--lm-config", json.dumps(tiny_gpt2(len(tok))), "--tokenizer", str(root / "tokenizer"),
@@ -39,11 +39,11 @@ def test_train_writes_run_dir(trained):
     assert (run / "best" / "config.json").exists() and (run / "last" / "model.safetensors").exists()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "val_loss" in r]
-    assert len(epochs) == 10 and all("val_cider" in r for r in epochs)
+    assert len(epochs) == 14 and all("val_cider" in r for r in epochs)
     steps = [r for r in records if "loss" in r]
     assert steps[-1]["loss"] < steps[0]["loss"]  # it trains
     cfg = json.loads((run / "train_config.json").read_text())
-    assert cfg["epochs"] == 10 and cfg["model"]["prefix_length"] == 4
+    assert cfg["epochs"] == 14 and cfg["model"]["prefix_length"] == 4
     assert "--finetune-lm" in (run / "command.txt").read_text()
 
 
