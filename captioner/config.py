@@ -99,6 +99,8 @@ class DecodeConfig:
         default=1,
     )
     max_new_tokens: int = _doc("Maximum number of generated tokens per caption (EOS included).", default=30)
+    min_new_tokens: int = _doc("EOS is not allowed before this many tokens (benchmarks set min = max to force "
+                               "equal work).", default=0)
     top_p: float = _doc("Sampling: nucleus probability mass kept (1.0 disables).", default=0.9)
     top_k: int = _doc("Sampling: keep only the k most likely tokens (0 disables).", default=0)
     temperature: float = _doc("Sampling: logits are divided by this.", default=1.0)
@@ -111,6 +113,8 @@ class DecodeConfig:
             raise ConfigError(f"strategy must be greedy, beam or sample, got {self.strategy!r}")
         if self.num_beams < 1 or self.num_captions < 1 or self.max_new_tokens < 1:
             raise ConfigError("num_beams, num_captions and max_new_tokens must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.strategy == "beam" and self.num_captions > self.num_beams:
             raise ConfigError(f"num_captions ({self.num_captions}) cannot exceed num_beams ({self.num_beams})")
         if self.strategy == "greedy" and self.num_captions != 1:

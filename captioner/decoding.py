@@ -76,7 +76,7 @@ def generate(stepper: Stepper, embeds: torch.Tensor, decode: DecodeConfig, *, eo
     if decode.strategy == "beam":
         return beam_search(stepper, embeds, num_beams=decode.num_beams, num_return=decode.num_captions,
                            length_penalty=decode.length_penalty, max_new_tokens=decode.max_new_tokens,
-                           eos_id=eos_id, pad_id=pad_id)
+                           min_new_tokens=decode.min_new_tokens, eos_id=eos_id, pad_id=pad_id)
     n = decode.num_captions if decode.strategy == "sample" else 1
     if n > 1:
         embeds = embeds.repeat_interleave(n, dim=0)  # (B * N, Q, D): independent draws per image
@@ -88,13 +88,18 @@ def generate(stepper: Stepper, embeds: torch.Tensor, decode: DecodeConfig, *, eo
         def sampler(logits):
             return sample_token(logits, temperature=decode.temperature, top_k=decode.top_k,
                                 top_p=decode.top_p, generator=generator)
-    tokens, scores = _left_to_right(stepper, embeds, max_new_tokens=decode.max_new_tokens, eos_id=eos_id,
-                                    pad_id=pad_id, choose=sampler)
+    tokens, scores = _left_to_right(stepper, embeds, max_new_tokens=decode.max_new_tokens,
+                                    min_new_tokens=decode.min_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                                    choose=sampler)
     b = tokens.shape[0] // n
     return Generated(tokens=tokens.view(b, n, -1), scores=scores.view(b, n))
 
 
-def _left_to_right(stepper, embeds, *, max_new_tokens, eos_id, pad_id, choose=None):
+def _no_eos(logits: torch.Tensor, eos_id: int) -> torch.Tensor:
+    return logits.index_fill(-1, torch.tensor([eos_id], device=logits.device), float("-inf"))
+
+
+def _left_to_right(stepper, embeds, *, max_new_tokens, eos_id, pad_id, choose=None, min_new_tokens=0):
     """Greedy (choose=None) or sampled decoding; finished rows emit pad."""
     logits, state = stepper.prefill(embeds)  # (B, V)
     b = logits.shape[0]
@@ -102,6 +107,8 @@ def _left_to_right(stepper, embeds, *, max_new_tokens, eos_id, pad_id, choose=No
     scores = torch.zeros(b, device=logits.device)
     out = []
     for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits = _no_eos(logits, eos_id)
         token = logits.argmax(-1) if choose is None else choose(logits)  # (B,)
         logp = torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1)
         scores += torch.where(done, 0.0, logp)
@@ -133,7 +140,8 @@ def sample_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int =
 
 
 def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_return: int = 1,
-                length_penalty: float = 1.0, max_new_tokens: int = 30, eos_id: int, pad_id: int) -> Generated:
+                length_penalty: float = 1.0, max_new_tokens: int = 30, min_new_tokens: int = 0, eos_id: int,
+                pad_id: int) -> Generated:
     """Batched beam search with the beams folded into the batch.
 
     A hypothesis ends when a beam in the top `num_beams` candidates emits EOS; its score is
@@ -147,6 +155,8 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
     rows = torch.arange(b, device=dev)
     state = stepper.select(state, rows.repeat_interleave(k))  # (B * K) rows
     logp = torch.log_softmax(logits, dim=-1).repeat_interleave(k, dim=0)  # (B * K, V)
+    if min_new_tokens > 0:
+        logp = _no_eos(logp, eos_id)
     beam_scores = torch.full((b, k), big, device=dev)
     beam_scores[:, 0] = 0.0  # all beams start identical: expand from the first one only
     seqs = torch.empty((b * k, 0), dtype=torch.long, device=dev)
@@ -185,6 +195,8 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
         state = stepper.select(state, picked)
         logits, state = stepper.step(seqs[:, -1], state)
         logp = torch.log_softmax(logits, dim=-1)
+        if t + 1 < min_new_tokens:
+            logp = _no_eos(logp, eos_id)
     # Images not done by the token limit keep their running beams as (unterminated) hypotheses.
     open_scores = torch.where(done[:, None], big, beam_scores / float(t + 1) ** length_penalty)
     merge(open_scores, padded(seqs.view(b, k, -1)))

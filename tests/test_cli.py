@@ -203,3 +203,37 @@ def test_captioner_evaluate_api(trained, shapes_data):
     assert set(result.predictions) == {ex.image_id for ex in examples[:4]}
     assert any("nope.png: no such file" in s for s in result.skipped)
     assert set(result.per_image) == set(result.predictions) and "CIDEr" in result.corpus
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_decoding_matches_transformers_generate(trained, shapes_data, strategy):
+    """Our batched KV-cached search == transformers' generate(inputs_embeds=...) on a trained model
+    (captions of different lengths ending in EOS): same tokens, and the same beam scores."""
+    import torch
+
+    from captioner.api import Captioner
+    from captioner.config import DecodeConfig
+    from captioner.decoding import LMStepper, generate
+
+    run, _ = trained
+    cap = Captioner.from_pretrained(run / "best", device="cpu")
+    test_ex, _ = read_imagefolder(shapes_data, "test")
+    from captioner.data import load_image
+    with torch.no_grad():
+        embeds = cap.model.prefix_embeds(cap.encode([load_image(ex.image) for ex in test_ex[:16]]))
+        eos = cap.tokenizer.eos_token_id
+        ours = generate(LMStepper(cap.model.lm), embeds, DecodeConfig(strategy=strategy, num_beams=3,
+                                                                      max_new_tokens=20), eos_id=eos, pad_id=eos)
+        hf = cap.model.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                   max_new_tokens=20, do_sample=False, num_beams=1 if strategy == "greedy" else 3,
+                                   length_penalty=1.0, eos_token_id=eos, pad_token_id=eos,
+                                   output_scores=True, return_dict_in_generate=True)
+
+    def cut(seq):
+        seq = seq.tolist()
+        return seq[: seq.index(eos) + 1] if eos in seq else seq
+    lengths = {len(cut(s)) for s in ours.tokens[:, 0]}
+    assert len(lengths) > 1 and all(cut(s)[-1] == eos for s in ours.tokens[:, 0])  # EOS at different lengths
+    assert [cut(s) for s in ours.tokens[:, 0]] == [cut(s) for s in hf.sequences]
+    if strategy == "beam":
+        torch.testing.assert_close(ours.scores[:, 0], hf.sequences_scores, rtol=1e-4, atol=1e-4)
