@@ -190,6 +190,21 @@ def _caption_sharded(args, decode) -> int:
     return EXIT_FAILURES if failed else EXIT_OK
 
 
+def cmd_bench(args) -> int:
+    """Run eval/bench.py of the source checkout this package was installed from."""
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "eval" / "bench.py"
+    if not script.exists():
+        raise CLIError(f"{script} not found: the benchmark ships with the source checkout (pip install -e .)")
+    sys.argv = [str(script), *args.bench_args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return EXIT_OK
+
+
 def cmd_merge(args) -> int:
     from . import sharded
 
@@ -355,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write-shards", choices=["txt", "json"], help="also write WebDataset tars with a caption "
                                                                   "member per key to DIR/wds")
     add_captioning_flags(p, cmd_caption)
+
+    p = sub.add_parser("bench", help="speed benchmark (eval/bench.py): decoding vs ClipCap's way and HF generate",
+                       description="Runs eval/bench.py from the source checkout; arguments after 'bench' go to it "
+                                   "(e.g. captioner bench --batch-sizes 1,32 --skip-train).")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for eval/bench.py")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("merge", help="merge the per-shard outputs of a sharded captioning run",
                        description="Write DIR/captions.jsonl and DIR/index.json from DIR/shards once every shard "

@@ -1,0 +1,225 @@
+"""Speed benchmark: our decoding vs ClipCap's way vs plain transformers generate, end to end, training.
+
+Builds ViT-B-32 + GPT-2 124M from configs with random weights (speed does not depend on weight
+values) and measures in one run:
+  - decode throughput (images/s) for greedy and beam 5 with exactly 20 new tokens (EOS suppressed, so
+    every system does equal work) at several batch sizes and precisions, through
+      ours: Captioner.caption_features (the code `captioner caption` runs: prefix, batched KV-cached
+            search, detokenisation),
+      hf:   transformers generate(inputs_embeds=...) on the same prefixes,
+      ref:  eval/reference_decoder.py, the way ClipCap decodes (one image at a time, no KV cache);
+  - end-to-end `captioner caption` over a folder of generated JPEGs (decode, resize, encode, caption,
+    write JSONL), images/s;
+  - training captions/s via eval/bench_train.py (MLP mapper + fine-tuned GPT-2, cached features).
+Prints a table and one JSON line. `captioner bench` runs this file from a source checkout.
+
+    python eval/bench.py                  # CPU: batch 1 and 32, fp32 (a few minutes on 2 cores)
+    python eval/bench.py --batch-sizes 1,32,256 --precisions fp32,bf16     # GPU defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import reference_decoder  # noqa: E402
+
+from captioner.api import Captioner  # noqa: E402
+from captioner.config import DecodeConfig, ModelConfig  # noqa: E402
+
+VOCAB = 50257  # GPT-2's: the LM head's cost depends on it
+STEPS = 20
+
+
+def synthetic_tokenizer(vocab_size: int = VOCAB):
+    """A word-level tokenizer with GPT-2's vocabulary size (ids -> 'w123'); offline, no training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w0", unk_token="w1")
+
+
+def build(device: str, precision: str) -> Captioner:
+    cfg = ModelConfig(clip_model="ViT-B-32", clip_pretrained=None, finetune_lm=True, mapper="mlp", prefix_length=10,
+                      lm_config={"model_type": "gpt2", "vocab_size": VOCAB})  # GPT2Config defaults = 124M
+    torch.manual_seed(0)
+    cap = Captioner.from_config(cfg, tokenizer=synthetic_tokenizer(), device=device)
+    if precision == "bf16":
+        cap.model.to(torch.bfloat16)
+    return cap
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, device: str, ref_images: int) -> dict:
+    eos = cap.tokenizer.eos_token_id
+    dim = cap.model.image_encoder.output_dim
+    dtype = next(cap.model.mapper.parameters()).dtype
+    feats = torch.randn(max(batch, ref_images), dim, device=device, dtype=dtype)[:batch if system != "ref" else None]
+    beams = 5 if strategy == "beam" else 1
+    if system == "ours":
+        cfg = DecodeConfig(strategy=strategy, num_beams=beams, max_new_tokens=STEPS, min_new_tokens=STEPS)
+
+        def run():
+            out = cap.caption_features(feats, cfg)
+            assert all(len(c[0].split()) == STEPS for c in out), "forced length not respected"
+        n = batch
+    elif system == "hf":
+        with torch.no_grad():
+            embeds = cap.model.prefix_embeds(feats)
+
+        def run():
+            with torch.no_grad():
+                out = cap.model.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(
+                    embeds.shape[:2], dtype=torch.long, device=device), max_new_tokens=STEPS, min_new_tokens=STEPS,
+                    num_beams=beams, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+            assert out.shape[1] == STEPS
+        n = batch
+    else:  # the reference: one image at a time
+        n = ref_images
+        with torch.no_grad():
+            embeds = cap.model.prefix_embeds(feats[:n])
+        decode = reference_decoder.beam if strategy == "beam" else reference_decoder.greedy
+
+        def run():
+            for i in range(n):
+                assert len(decode(cap.model.lm, embeds[i:i + 1], steps=STEPS, stop_id=eos, force=True)) == STEPS
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    run() if system != "ref" else None  # warm-up (kernels, allocator); the reference is too slow to repeat
+    seconds = timed(run, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return {"system": system, "strategy": strategy, "batch": batch, "images": n, "seconds": seconds,
+            "images_per_s": n / seconds, "peak_gpu_gib": peak}
+
+
+def bench_folder(cap: Captioner, work: Path, *, images: int, batch: int, device: str) -> dict:
+    from PIL import Image
+
+    from captioner.cli import main as cli
+
+    folder = work / "jpegs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(images):
+        Image.fromarray((torch.rand(256, 256, 3, generator=g) * 255).byte().numpy()).save(folder / f"{i:06d}.jpg")
+    cap.save_pretrained(work / "model")
+    argv = ["caption", str(folder), "--model", str(work / "model"), "-o", str(work / "out.jsonl"), "--overwrite",
+            "--batch-size", str(batch), "--strategy", "beam", "--num-beams", "5", "--max-new-tokens", str(STEPS),
+            "--min-new-tokens", str(STEPS), "--device", device]
+    seconds = timed(lambda: cli(argv), device)  # model loading included
+    rows = sum(1 for _ in open(work / "out.jsonl"))
+    return {"images": rows, "seconds": seconds, "images_per_s": rows / seconds, "batch": batch}
+
+
+def main(argv=None) -> int:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", default="1,32,256" if gpu else "1,32")
+    p.add_argument("--precisions", default="fp32,bf16" if gpu else "fp32")
+    p.add_argument("--ref-images", type=int, default=32 if gpu else 2,
+                   help="images decoded by the (slow) reference per configuration")
+    p.add_argument("--hf-max-batch", type=int, default=256 if gpu else 32, help="largest batch run through HF")
+    p.add_argument("--folder-images", type=int, default=4096 if gpu else 32)
+    p.add_argument("--skip-folder", action="store_true")
+    p.add_argument("--skip-train", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    device = "cuda" if gpu else "cpu"
+    rows, folder, train = [], None, None
+    for precision in args.precisions.split(","):
+        cap = build(device, precision)
+        for strategy in ("greedy", "beam"):
+            for batch in map(int, args.batch_sizes.split(",")):
+                for system in ("ours", "hf", "ref"):
+                    if system == "hf" and batch > args.hf_max_batch:
+                        continue
+                    if system == "ref" and batch != int(args.batch_sizes.split(",")[0]):
+                        continue  # one image at a time: its speed does not depend on the batch size
+                    r = bench_decode(cap, strategy=strategy, batch=batch, system=system, device=device,
+                                     ref_images=args.ref_images)
+                    rows.append({**r, "precision": precision})
+                    print(f"  {precision} {strategy} batch {batch} {system}: {r['images_per_s']:.2f} images/s",
+                          file=sys.stderr)
+        if precision == args.precisions.split(",")[0] and not args.skip_folder:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = bench_folder(cap, Path(tmp), images=args.folder_images,
+                                      batch=max(map(int, args.batch_sizes.split(","))), device=device)
+        del cap
+    if not args.skip_train:
+        import bench_train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ns = argparse.Namespace(lm_size="124M", batch_size=64 if gpu else 8, steps=30 if gpu else 4,
+                                    warmup=10 if gpu else 1, precisions="no,bf16" if gpu else "no")
+            work = Path(tmp)
+            bench_train.make_images(work / "data", ns.batch_size * (ns.steps + 2), 8, captions=True)
+            tok = bench_train.train_tokenizer(bench_train.WORDS, vocab_size=400)
+            bench_train.prefill_cache(work, tok)
+            train = [bench_train.bench_training(ns, work, prec, tok) for prec in ns.precisions.split(",")]
+
+    import transformers
+
+    dev_name = torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"\ndecode throughput, ViT-B-32 + GPT-2 124M (random weights), prefix 10, exactly {STEPS} new tokens, "
+          f"device {dev_name}")
+    print(f"{'precision':<10}{'strategy':<9}{'batch':>6}{'ours img/s':>12}{'hf img/s':>11}{'ref img/s':>11}"
+          f"{'ours/ref':>10}{'ours/hf':>9}{'peak GiB':>10}")
+    ref = {(r["precision"], r["strategy"]): r["images_per_s"] for r in rows if r["system"] == "ref"}
+    # the reference decodes one image at a time, so one number per precision and strategy serves every batch
+    for r in rows:
+        if r["system"] != "ours":
+            continue
+        key = (r["precision"], r["strategy"], r["batch"])
+        hf = next((x["images_per_s"] for x in rows if x["system"] == "hf" and
+                   (x["precision"], x["strategy"], x["batch"]) == key), None)
+        rf = ref.get(key[:2])
+        ips = r["images_per_s"]
+        peak = f"{r['peak_gpu_gib']:.2f}" if r["peak_gpu_gib"] is not None else "-"
+        hf_s = f"{hf:.2f}" if hf else "-"
+        rf_s = f"{rf:.3f}" if rf else "-"
+        vs_ref = f"{ips / rf:.1f}x" if rf else "-"
+        vs_hf = f"{ips / hf:.2f}x" if hf else "-"
+        print(f"{r['precision']:<10}{r['strategy']:<9}{r['batch']:>6}{ips:>12.2f}{hf_s:>11}{rf_s:>11}"
+              f"{vs_ref:>10}{vs_hf:>9}{peak:>10}")
+    if folder:
+        print(f"\nend to end: captioner caption over {folder['images']} JPEGs (256x256, beam 5, {STEPS} tokens, "
+              f"batch {folder['batch']}, model loading included): {folder['images_per_s']:.2f} images/s")
+    if train:
+        for t in train:
+            print(f"training: MLP mapper + fine-tuned GPT-2 124M, cached features, {t['precision']}: "
+                  f"{t['captions_per_s']:.1f} captions/s")
+    print(json.dumps({"bench": "decode", "device": dev_name, "torch": torch.__version__,
+                      "transformers": transformers.__version__, "steps": STEPS, "decode": rows,
+                      "folder": folder, "training": train}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The baseline decoder for benchmarks: decoding the way ClipCap's predict.py does it.
+
+One image at a time; no KV cache (every step runs the LM over the whole prefix + generated sequence
+and computes logits at every position); beam search with ClipCap's length-averaged scores. Only
+used by eval/bench.py as the "reference way" to compare against; not part of the library.
+With `force` the stop token is never chosen, so every call does exactly `steps` steps (equal work).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def greedy(lm, embed: torch.Tensor, *, steps: int, stop_id: int, force: bool = False) -> list[int]:
+    """embed (1, Q, D) -> token ids."""
+    wte = lm.get_input_embeddings()
+    generated, tokens = embed, []
+    for _ in range(steps):
+        logits = lm(inputs_embeds=generated).logits[:, -1]  # the full sequence, every step
+        if force:
+            logits[:, stop_id] = float("-inf")
+        token = int(logits.argmax(-1))
+        tokens.append(token)
+        if token == stop_id:
+            break
+        generated = torch.cat([generated, wte(torch.tensor([[token]], device=embed.device))], dim=1)
+    return tokens
+
+
+@torch.no_grad()
+def beam(lm, embed: torch.Tensor, *, beam_size: int = 5, steps: int, stop_id: int, force: bool = False
+         ) -> list[int]:
+    """ClipCap's generate_beam: embed (1, Q, D) -> the best beam's token ids."""
+    wte = lm.get_input_embeddings()
+    generated, tokens, scores = embed, None, None
+    lengths = torch.ones(beam_size, device=embed.device)
+    stopped = torch.zeros(beam_size, dtype=torch.bool, device=embed.device)
+    for _ in range(steps):
+        logp = lm(inputs_embeds=generated).logits[:, -1].float().log_softmax(-1)  # (beams, V)
+        if force:
+            logp[:, stop_id] = float("-inf")
+        if scores is None:
+            scores, nxt = logp.topk(beam_size, -1)  # (1, K)
+            generated = generated.expand(beam_size, *generated.shape[1:])
+            tokens, scores = nxt.T, scores.squeeze(0)  # (K, 1), (K,)
+        else:
+            logp[stopped] = float("-inf")
+            logp[stopped, 0] = 0
+            total = scores[:, None] + logp
+            lengths[~stopped] += 1
+            avg, flat = (total / lengths[:, None]).view(-1).topk(beam_size, -1)
+            src, nxt = flat // total.shape[1], flat % total.shape[1]
+            lengths, stopped = lengths[src], stopped[src]
+            tokens = torch.cat([tokens[src], nxt[:, None]], dim=1)
+            generated = generated[src]
+            scores = avg * lengths
+        generated = torch.cat([generated, wte(tokens[:, -1:])], dim=1)
+        stopped = stopped | tokens[:, -1].eq(stop_id)
+        if stopped.all():
+            break
+    best = (scores / lengths).argmax()
+    return tokens[best].tolist()
