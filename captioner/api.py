@@ -18,9 +18,9 @@ from PIL import Image
 from . import checkpoint
 from .config import DecodeConfig, ModelConfig
 from .data import CaptionExample
-from .images import MAX_PIXELS, ImageError, load_image
 from .decoding import LMStepper, generate
 from .encoders import build_tokenizer
+from .images import MAX_PIXELS, ImageError, load_image
 from .model import CaptionModel
 from .tokens import decode_ids, encode_prompt, pad_id
 

@@ -302,9 +302,8 @@ def _save_state(accelerator, out: Path, progress: dict) -> None:
 def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None) -> Path:
     """Train a captioner; returns the path of the best saved captioner."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
 
     # accelerate keeps one global state; a second train() in the same process (another precision) must
     # not inherit the first one's. The process group (PartialState) is kept.
