@@ -132,8 +132,9 @@ def cmd_caption(args) -> int:
     done = 0
     try:
         bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=len(todo) < 2 * args.batch_size)
-        for path, captions, error in captioner.iter_captions(todo, decode=decode, batch_size=args.batch_size,
-                                                             max_pixels=args.max_pixels or None):
+        results = captioner.iter_captions(todo, decode=decode, batch_size=args.batch_size,
+                                          max_pixels=args.max_pixels or None)
+        for i, (path, captions, error) in enumerate(results, start=1):
             bar.update(1)
             if error:
                 failures.append(error)
@@ -146,8 +147,8 @@ def cmd_caption(args) -> int:
                 for c in captions:
                     print(f"{path}\t{c}", flush=True)
                 done += 1
-            if writer and (done + len(failures)) % args.batch_size == 0:
-                writer.flush()  # one committed write per batch
+            if writer and i % args.batch_size == 0:
+                writer.flush()  # one committed write per batch (the rest at close)
         bar.close()
     finally:
         if writer:
