@@ -201,8 +201,8 @@ def _histogram(values: Sequence[float], metric: str) -> str:
         f'<line x1="{left}" y1="{base_y}" x2="{left + plot_w}" y2="{base_y}" stroke="#666"/>'
     )
     parts.append(f'<text x="{left}" y="{base_y + 14}" text-anchor="middle">{lo:.3g}</text>')
-    parts.append(
-        f'<text x="{left + plot_w}" y="{base_y + 14}" text-anchor="middle">{hi:.3g}</text>'
+    parts.append(  # right-aligned: a centred label would be cut at the SVG's edge
+        f'<text x="{left + plot_w}" y="{base_y + 14}" text-anchor="end">{hi:.3g}</text>'
     )
     parts.append(f'<text x="{left - 4}" y="{pad_top + 10}" text-anchor="end">{top}</text>')
     parts.append(f'<text x="{left - 4}" y="{base_y}" text-anchor="end">0</text>')
