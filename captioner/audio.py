@@ -45,10 +45,8 @@ is unreachable and it is not cached).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import stat
 from typing import Callable
 
 import numpy as np
@@ -57,7 +55,7 @@ from torch import nn
 
 from . import encoders as _encoders
 from .config import ConfigError
-from .encoders import ModelLoadError
+from .images import open_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +113,7 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int, max_seconds: float 
         raise ValueError(f"max_bytes must be a positive integer or None, not {max_bytes!r}")
     fspath = os.fspath(path)
     name = os.fsdecode(fspath)
-    with _open_regular_file(fspath, name, max_bytes) as f:
+    with open_regular_file(fspath, name, error=AudioError, max_bytes=max_bytes) as f:
         samples, rate = _decode(f, name, max_seconds)
     # samples: (N, C) float32 -> (N,) mono
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
@@ -159,40 +157,6 @@ def _error(name: str, reason: str) -> AudioError:
 def _one_line(e: BaseException | str) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL - 3] + "..."
-
-
-def _open_regular_file(fspath, name: str, max_bytes: int | None):
-    """A binary file object for a regular, non-empty file within `max_bytes`, or AudioError. O_NONBLOCK keeps a
-    FIFO from blocking the open; the type is then checked on the open descriptor."""
-    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(fspath, flags)
-    except OSError as e:
-        raise _error(name, _open_error_reason(fspath, e)) from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise _error(name, "is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise _error(name, "not a regular file")
-        if st.st_size == 0:
-            raise _error(name, "empty file")
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise _error(name, f"too large ({st.st_size} bytes > limit {max_bytes}; raise max_bytes to allow)")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _open_error_reason(fspath, e: OSError) -> str:
-    if e.errno in (errno.ENOENT, errno.ENOTDIR):
-        return "broken symlink" if os.path.islink(fspath) else "no such file"
-    if e.errno == errno.EISDIR or (e.errno in (errno.EACCES, errno.EPERM) and os.path.isdir(fspath)):
-        return "is a directory"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    return f"unreadable ({e.strerror or _one_line(e)})"
 
 
 def _decode(f, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
@@ -460,14 +424,7 @@ def build_audio_encoder(kind: str, name: str | None = None, *, config: dict | No
 
 def _from_pretrained(load: Callable, what: str, name: str, **kwargs):
     """A transformers from_pretrained call; offline (hub unreachable), only the local cache is tried."""
-    local = _encoders.lm_source_is_local(name)
-    offline = not local and not _encoders.hub_reachable()
-    try:
-        return load(name, local_files_only=offline, **kwargs)
-    except (OSError, ValueError) as e:
-        where = "local directory" if local else "hub id"
-        why = "the hub is unreachable and it is not in the local cache" if offline else _one_line(e)
-        raise ModelLoadError(f"could not load {what} {name!r} ({where}): {why}. {AUDIO_OFFLINE_HINT}") from None
+    return _encoders.call_hub(load, what, name, hint=AUDIO_OFFLINE_HINT, **kwargs)
 
 
 def tiny_clap_config() -> dict:

@@ -190,10 +190,10 @@ def build_lm(config: ModelConfig, *, load_weights: bool = True) -> nn.Module:
                 raise ConfigError("lm_config needs a 'model_type' key (e.g. 'gpt2')")
             lm_cfg = AutoConfig.for_model(model_type, **d)
         else:
-            lm_cfg = _call_hub(AutoConfig.from_pretrained, "LM config", config.lm)
+            lm_cfg = call_hub(AutoConfig.from_pretrained, "LM config", config.lm)
         lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
     else:
-        lm = _call_hub(AutoModelForCausalLM.from_pretrained, "LM", config.lm, attn_implementation="sdpa")
+        lm = call_hub(AutoModelForCausalLM.from_pretrained, "LM", config.lm, attn_implementation="sdpa")
     return lm
 
 
@@ -202,19 +202,20 @@ def build_tokenizer(config: ModelConfig, directory: str | Path | None = None):
     from transformers import AutoTokenizer
 
     name = str(directory) if directory is not None else (config.tokenizer or config.lm)
-    tok = _call_hub(AutoTokenizer.from_pretrained, "tokenizer", name)
+    tok = call_hub(AutoTokenizer.from_pretrained, "tokenizer", name)
     if tok.eos_token_id is None:
         raise ModelLoadError(f"tokenizer {name!r} has no EOS token; captions need one to end")
     return tok
 
 
-def _call_hub(load: Callable, what: str, name: str, **kwargs):
-    """Call a transformers from_pretrained; offline, only the local cache is tried."""
+def call_hub(load: Callable, what: str, name: str, *, hint: str = OFFLINE_HINT, **kwargs):
+    """Call a transformers from_pretrained; offline, only the local cache is tried; failures are one
+    ModelLoadError line ending with `hint`."""
     local = lm_source_is_local(name)
     offline = not local and not hub_reachable()
     try:
         return load(name, local_files_only=offline, **kwargs)
     except (OSError, ValueError) as e:
         where = "local directory" if local else "hub id"
-        why = "the hub is unreachable and it is not in the local cache" if offline else str(e)
-        raise ModelLoadError(f"could not load {what} {name!r} ({where}): {why}. {OFFLINE_HINT}") from None
+        why = "the hub is unreachable and it is not in the local cache" if offline else " ".join(str(e).split())
+        raise ModelLoadError(f"could not load {what} {name!r} ({where}): {why}. {hint}") from None

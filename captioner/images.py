@@ -109,7 +109,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) 
     max_pixels = _check_max_pixels(max_pixels)
     fspath = os.fspath(path)
     name = os.fsdecode(fspath)
-    with _open_regular_file(fspath, name) as f:
+    with open_regular_file(fspath, name, error=ImageError) as f:
         return _decode_file(f, name, max_pixels)
 
 
@@ -149,14 +149,18 @@ def _error(name: str, reason: str) -> ImageError:
     return ImageError(f"{name}: {reason}")
 
 
-def _open_regular_file(fspath, name: str):
-    """A binary file object for a regular, non-empty file, or ImageError. O_NONBLOCK keeps a FIFO from
-    blocking the open; the type is then checked on the open descriptor (no race with a swapped path)."""
+def open_regular_file(fspath, name: str, *, error: type[ValueError], max_bytes: int | None = None):
+    """A binary file object for a regular, non-empty file (of at most `max_bytes`), or `error("NAME:
+    REASON")`. Shared by the image and audio readers. O_NONBLOCK keeps a FIFO from blocking the open;
+    the type is then checked on the open descriptor (no race with a swapped path)."""
+
+    def _error(name: str, reason: str):
+        return error(f"{name}: {reason}")
     flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(fspath, flags)
     except OSError as e:
-        raise _error(name, _open_error_reason(fspath, e)) from None
+        raise _error(name, open_error_reason(fspath, e)) from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -165,13 +169,15 @@ def _open_regular_file(fspath, name: str):
             raise _error(name, "not a regular file")
         if st.st_size == 0:
             raise _error(name, "empty file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise _error(name, f"too large ({st.st_size} bytes > limit {max_bytes}; raise max_bytes to allow)")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
 
 
-def _open_error_reason(fspath, e: OSError) -> str:
+def open_error_reason(fspath, e: OSError) -> str:
     if e.errno in (errno.ENOENT, errno.ENOTDIR):
         return "broken symlink" if os.path.islink(fspath) else "no such file"
     if e.errno == errno.EISDIR or (e.errno in (errno.EACCES, errno.EPERM) and os.path.isdir(fspath)):
