@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-audio test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,12 @@ demo: $(STAMP)
 	$(VENV)/bin/captioner eval --model demo_out/run/best --data demo_out/data --split test \
 	    --strategy beam --num-beams 3 --max-new-tokens 20 --output-dir demo_out/eval
 
+# The image + sound variant: captions that need both inputs, scored from both, image only and audio only.
+demo-audio: $(STAMP)
+	$(VENV)/bin/captioner demo --audio --output-dir demo_audio_out
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf demo_out runs .pytest_cache
+	rm -rf demo_out demo_audio_out runs .pytest_cache

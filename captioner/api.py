@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -20,6 +21,7 @@ from .config import DecodeConfig, ModelConfig
 from .data import CaptionExample
 from .decoding import LMStepper, generate
 from .encoders import build_tokenizer
+from .audio import AudioError, load_audio
 from .images import MAX_PIXELS, ImageError, load_image
 from .model import CaptionModel
 from .tokens import decode_ids, encode_prompt, pad_id
@@ -37,6 +39,12 @@ class EvalResult:
     examples: list[CaptionExample]
     coco_exact: bool
     skipped: list[str]  # metrics not computed, and why; images that could not be read
+
+
+def _is_one(images, audio) -> bool:
+    """Whether caption() got a single input rather than lists."""
+    one = (str, Path, Image.Image, np.ndarray)
+    return (images is not None and isinstance(images, one)) or (images is None and isinstance(audio, one))
 
 
 def default_device() -> torch.device:
@@ -86,92 +94,160 @@ class Captioner:
         return self.model.encode_images(self.preprocess(images).to(self.device))  # (B, F)
 
     @torch.no_grad()
-    def caption_features(self, features: torch.Tensor, decode: DecodeConfig | None = None) -> list[list[str]]:
-        """Captions for image features (B, F): a list of num_captions strings per image."""
+    def encode_audio(self, clips: Sequence[str | Path | np.ndarray]) -> torch.Tensor:
+        """Audio features (B, F) for files or mono float arrays already at the encoder's sample rate."""
+        self.model.check_modalities(["audio"])
+        encoder = self.model.encoders["audio"]
+        samples = [c if isinstance(c, np.ndarray) else load_audio(c, sample_rate=encoder.sample_rate) for c in clips]
+        return encoder(encoder.preprocess(samples))  # (B, F)
+
+    def encode_inputs(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Features per modality for items that all have the same inputs, e.g. [{"image": "a.jpg",
+        "audio": "a.wav"}, ...]; images may be paths or PIL images, audio paths or mono arrays."""
+        kinds = list(items[0])
+        self.model.check_modalities(kinds)
+        out = {}
+        if "image" in kinds:
+            out["image"] = self.encode([im if isinstance(im, Image.Image) else load_image(im)
+                                        for im in (it["image"] for it in items)])
+        if "audio" in kinds:
+            out["audio"] = self.encode_audio([it["audio"] for it in items])
+        return out
+
+    @torch.no_grad()
+    def caption_features(self, features: dict[str, torch.Tensor] | torch.Tensor, decode: DecodeConfig | None = None
+                         ) -> list[list[str]]:
+        """Captions for features {modality: (B, F)} (every row has every given modality; a bare (B, F)
+        tensor is the model's only modality): a list of num_captions strings per row."""
         decode = decode or DecodeConfig()
         was_training = self.model.training
         self.model.eval()
         try:
-            embeds = self.model.prefix_embeds(features.to(self.device))  # (B, Q, D)
+            if isinstance(features, torch.Tensor):
+                features = features.to(self.device)
+            else:
+                features = {m: f.to(self.device) for m, f in features.items()}
+            embeds, _ = self.model.prefix_embeds(features)  # (B, Q, D); no absent segments
             out = generate(LMStepper(self.model.lm, use_cache=decode.use_cache), embeds, decode,
                            eos_id=self.tokenizer.eos_token_id, pad_id=pad_id(self.tokenizer))
         finally:
             self.model.train(was_training)
         return [[decode_ids(self.tokenizer, seq.tolist()) for seq in row] for row in out.tokens]
 
-    def caption(self, images, *, decode: DecodeConfig | None = None, batch_size: int = 32, **overrides):
-        """Caption one image or a list (paths or PIL images). Returns a string per image, or a list of
-        strings per image when num_captions > 1. Decode options may be passed as keywords."""
+    def caption_rows(self, features: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
+                     decode: DecodeConfig | None = None) -> list[list[str]]:
+        """Captions for rows with different inputs: features {modality: (B, F)} with present {modality: (B,)
+        bool}; rows are decoded in groups of the same inputs, so a row's caption never depends on its
+        neighbours."""
+        n = next(iter(features.values())).shape[0]
+        groups: dict[tuple, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(tuple(m for m in features if bool(present[m][i])), []).append(i)
+        out: list[list[str]] = [[] for _ in range(n)]
+        for kinds, rows in groups.items():
+            index = torch.tensor(rows)
+            for i, caps in zip(rows, self.caption_features({m: features[m][index] for m in kinds}, decode)):
+                out[i] = caps
+        return out
+
+    def caption(self, images=None, *, audio=None, decode: DecodeConfig | None = None, batch_size: int = 32,
+                **overrides):
+        """Caption one input or a list: images (paths or PIL images), audio (paths or mono arrays at the
+        encoder's rate), or both paired in order. Returns a string per input, or a list of strings per
+        input when num_captions > 1. Decode options may be passed as keywords."""
         decode = dataclasses.replace(decode or DecodeConfig(), **overrides)
-        single = isinstance(images, (str, Path, Image.Image))
-        items = [images] if single else list(images)
+        single = _is_one(images, audio)
+        columns = {m: ([v] if single else list(v)) for m, v in (("image", images), ("audio", audio)) if v is not None}
+        self.model.check_modalities(list(columns))
+        sizes = {m: len(v) for m, v in columns.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"images and audio are paired in order, so their counts must match: {sizes}")
+        items = [dict(zip(columns, row)) for row in zip(*columns.values())]
         results = []
         for start in range(0, len(items), batch_size):
-            batch = [im if isinstance(im, Image.Image) else load_image(im) for im in items[start:start + batch_size]]
-            results.extend(self.caption_features(self.encode(batch), decode))
+            results.extend(self.caption_features(self.encode_inputs(items[start:start + batch_size]), decode))
         results = [r[0] if decode.num_captions == 1 else r for r in results]
         return results[0] if single else results
 
-    def iter_captions(self, paths: Sequence[str], *, decode: DecodeConfig | None = None, batch_size: int = 32,
-                      max_pixels: int | None = MAX_PIXELS) -> Iterator[tuple[str, list[str] | None, str | None]]:
-        """Stream (path, captions, error) over many files; unreadable files (and images over `max_pixels`)
-        yield an error and the rest of the batch is still captioned. Memory does not grow with the
-        number of images."""
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            loaded, failed = [], {}
-            for p in chunk:
+    def iter_captions(self, items: Sequence[str | dict], *, decode: DecodeConfig | None = None, batch_size: int = 32,
+                      max_pixels: int | None = MAX_PIXELS) -> Iterator[tuple[Any, list[str] | None, str | None]]:
+        """Stream (item, captions, error) over many inputs: image paths, or dicts {"image": path, "audio":
+        path} with either or both. Unreadable files (and images over `max_pixels`) yield an error and the
+        rest of the batch is still captioned. Memory does not grow with the number of inputs."""
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            loaded, failed = {}, {}
+            for i, item in enumerate(chunk):
+                inputs = {"image": item} if isinstance(item, (str, Path)) else item
                 try:
-                    loaded.append((p, load_image(p, max_pixels=max_pixels)))
-                except ImageError as e:
-                    failed[p] = str(e)
-            captions = dict(zip([p for p, _ in loaded],
-                                self.caption_features(self.encode([im for _, im in loaded]), decode)
-                                if loaded else []))
-            for p in chunk:
-                yield (p, None, failed[p]) if p in failed else (p, captions[p], None)
+                    self.model.check_modalities(list(inputs))
+                    loaded[i] = {m: (load_image(p, max_pixels=max_pixels) if m == "image" else
+                                     load_audio(p, sample_rate=self.model.encoders["audio"].sample_rate))
+                                 for m, p in inputs.items()}
+                except (ImageError, AudioError) as e:
+                    failed[i] = str(e)
+            captions = {}
+            groups: dict[tuple, list[int]] = {}
+            for i, inputs in loaded.items():
+                groups.setdefault(tuple(inputs), []).append(i)
+            for rows in groups.values():
+                captions.update(zip(rows, self.caption_features(self.encode_inputs([loaded[i] for i in rows]), decode)))
+            for i, item in enumerate(chunk):
+                yield (item, None, failed[i]) if i in failed else (item, captions[i], None)
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, examples: Sequence[CaptionExample], *, decode: DecodeConfig | None = None,
                  batch_size: int = 32, metrics: Sequence[str] = ("BLEU", "METEOR", "ROUGE_L", "CIDEr"),
-                 clip_scorer=None) -> EvalResult:
-        """Caption every example's image and score against its references (COCO caption metrics, plus
-        CLIPScore / RefCLIPScore when a `clipscore.CLIPScorer` is given). Unreadable images are left
-        out of the scores and listed in `skipped`."""
+                 clip_scorer=None, modalities: Sequence[str] | None = None) -> EvalResult:
+        """Caption every example and score against its references (COCO caption metrics, SPIDEr when
+        SPICE is computed, plus CLIPScore / RefCLIPScore for images when a `clipscore.CLIPScorer` is
+        given). `modalities` restricts which of an example's inputs are used (e.g. ["image"] to see what a
+        two-modality captioner says from the image alone); default: every input the captioner takes.
+        Unreadable inputs and examples with no usable input are left out of the scores and listed in
+        `skipped`."""
         from .metrics import score_captions
 
         decode = decode or DecodeConfig()
-        by_path = {}
+        if modalities is not None:
+            self.model.check_modalities(list(modalities))
+        use = list(modalities) if modalities is not None else self.model.modalities
+        by_input: dict[tuple, list[CaptionExample]] = {}
+        skipped = []
         for ex in examples:
-            by_path.setdefault(ex.image, []).append(ex)
-        predictions, skipped = {}, []
-        paths = list(by_path)
+            inputs = tuple((m, p) for m, p in ex.inputs.items() if m in use)
+            if inputs:
+                by_input.setdefault(inputs, []).append(ex)
+            else:
+                skipped.append(f"{ex.image_id}: skipped: no {' or '.join(use)} input")
+        predictions = {}
+        items = [dict(k) for k in by_input]
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(paths), unit="img", desc="captioning", disable=len(paths) < 2 * batch_size) as bar:
-            for path, captions, error in self.iter_captions(paths, decode=decode, batch_size=batch_size):
+        with tqdm(total=len(items), unit="item", desc="captioning", disable=len(items) < 2 * batch_size) as bar:
+            for item, captions, error in self.iter_captions(items, decode=decode, batch_size=batch_size):
                 bar.update(1)
                 if error:
-                    skipped.append(f"image skipped: {error}")
+                    skipped.append(f"input skipped: {error}")
                     continue
-                for ex in by_path[path]:
+                for ex in by_input[tuple(item.items())]:
                     predictions[ex.image_id] = captions[0]
         kept = [ex for ex in examples if ex.image_id in predictions]
         if not kept:
-            raise ImageError("no image of the caption set could be read: " + "; ".join(skipped[:3]))
+            raise ImageError("no input of the caption set could be used: " + "; ".join(skipped[:3]))
         scores = score_captions(predictions, {ex.image_id: ex.captions for ex in kept}, metrics=metrics)
         corpus, per_image = dict(scores.corpus), {k: dict(v) for k, v in scores.per_image.items()}
-        if clip_scorer is not None:
+        with_image = [ex for ex in kept if ex.image is not None]
+        if clip_scorer is not None and with_image:
             sums: dict[str, float] = {}
-            for start in range(0, len(kept), batch_size):
-                chunk = kept[start:start + batch_size]
+            for start in range(0, len(with_image), batch_size):
+                chunk = with_image[start:start + batch_size]
                 out = clip_scorer.score([load_image(ex.image) for ex in chunk],
                                         [predictions[ex.image_id] for ex in chunk], [ex.captions for ex in chunk])
                 for ex, row in zip(chunk, out["per_image"]):
                     per_image[ex.image_id].update(row)
                     for k, v in row.items():
                         sums[k] = sums.get(k, 0.0) + v
-            corpus.update({k: v / len(kept) for k, v in sums.items()})
+            corpus.update({k: v / len(with_image) for k, v in sums.items()})
         return EvalResult(corpus=corpus, per_image=per_image, predictions=predictions, examples=kept,
                           coco_exact=scores.coco_exact, skipped=[*scores.skipped, *skipped])

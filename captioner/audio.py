@@ -327,22 +327,11 @@ class AudioEncoder(nn.Module):
         shorter audio is padded by the feature extractor the way the model was trained (CLAP: repeated,
         Whisper: silence). Returns {"input_features": (B, ...) float tensor, "num_samples": (B,) long}.
         """
-        batch = [samples] if isinstance(samples, np.ndarray) and samples.ndim == 1 else list(samples)
-        if not batch:
-            raise ValueError("preprocess needs at least one audio clip")
-        clips = []
-        for x in batch:
-            x = np.asarray(x, dtype=np.float32)
-            if x.ndim != 1 or x.shape[0] == 0:
-                raise ValueError(f"each clip must be a non-empty mono array (N,), not of shape {x.shape}")
-            clips.append(fit_window(x, self.window_samples) if x.shape[0] > self.window_samples else x)
-        num_samples = torch.tensor([len(x) for x in clips], dtype=torch.long)  # (B,)
-        if self.kind == "clap":
-            out = self.feature_extractor(clips, sampling_rate=self.sample_rate, return_tensors="pt")
-            return {"input_features": out["input_features"], "is_longer": out["is_longer"],  # (B, 1, T, mels)
-                    "num_samples": num_samples}
-        out = self.feature_extractor(clips, sampling_rate=self.sample_rate, return_tensors="pt")
-        return {"input_features": out["input_features"], "num_samples": num_samples}  # (B, mels, frames)
+        return AudioPreprocess(self)(samples)
+
+    def loader(self, *, max_seconds: float | None = None) -> "AudioFileLoader":
+        """A picklable path -> model inputs (without the batch dimension) function for DataLoader workers."""
+        return AudioFileLoader(AudioPreprocess(self), max_seconds=max_seconds)
 
     @torch.no_grad()
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -376,8 +365,44 @@ class AudioEncoder(nn.Module):
         return torch.stack(pooled)  # (B, output_dim)
 
 
+class AudioPreprocess:
+    """`AudioEncoder.preprocess` without the model, so DataLoader workers can receive it cheaply."""
+
+    def __init__(self, encoder: AudioEncoder):
+        self.kind, self.feature_extractor = encoder.kind, encoder.feature_extractor
+        self.sample_rate, self.window_samples = encoder.sample_rate, encoder.window_samples
+
+    def __call__(self, samples: np.ndarray | list[np.ndarray]) -> dict[str, torch.Tensor]:
+        batch = [samples] if isinstance(samples, np.ndarray) and samples.ndim == 1 else list(samples)
+        if not batch:
+            raise ValueError("preprocess needs at least one audio clip")
+        clips = []
+        for x in batch:
+            x = np.asarray(x, dtype=np.float32)
+            if x.ndim != 1 or x.shape[0] == 0:
+                raise ValueError(f"each clip must be a non-empty mono array (N,), not of shape {x.shape}")
+            clips.append(fit_window(x, self.window_samples) if x.shape[0] > self.window_samples else x)
+        num_samples = torch.tensor([len(x) for x in clips], dtype=torch.long)  # (B,)
+        out = self.feature_extractor(clips, sampling_rate=self.sample_rate, return_tensors="pt")
+        if self.kind == "clap":
+            return {"input_features": out["input_features"], "is_longer": out["is_longer"],  # (B, 1, T, mels)
+                    "num_samples": num_samples}
+        return {"input_features": out["input_features"], "num_samples": num_samples}  # (B, mels, frames)
+
+
+class AudioFileLoader:
+    """path -> one clip's model inputs (no batch dimension): read, mix to mono, resample, preprocess."""
+
+    def __init__(self, preprocess: AudioPreprocess, *, max_seconds: float | None = None):
+        self.preprocess, self.max_seconds = preprocess, max_seconds
+
+    def __call__(self, path: str) -> dict[str, torch.Tensor]:
+        samples = load_audio(path, sample_rate=self.preprocess.sample_rate, max_seconds=self.max_seconds)
+        return {k: v[0] for k, v in self.preprocess(samples).items()}
+
+
 def build_audio_encoder(kind: str, name: str | None = None, *, config: dict | None = None,
-                        load_weights: bool = True) -> AudioEncoder:
+                        load_weights: bool = True, whisper_pool: str | int | None = None) -> AudioEncoder:
     """A frozen `AudioEncoder` of `kind` ("clap" or "whisper").
 
     From `config` (an inline transformers config dict; random init) when given: its optional keys
@@ -394,11 +419,11 @@ def build_audio_encoder(kind: str, name: str | None = None, *, config: dict | No
         raise ConfigError(f"audio encoder kind must be one of {AUDIO_KINDS}, not {kind!r}")
     model_cls, config_cls, fe_cls = ((ClapModel, ClapConfig, ClapFeatureExtractor) if kind == "clap"
                                      else (WhisperModel, WhisperConfig, WhisperFeatureExtractor))
-    whisper_pool: str | int = "mean"
+    pool: str | int = "mean"
     if config is not None:
         d = dict(config)
         fe_kwargs = d.pop("feature_extractor", {}) or {}
-        whisper_pool = d.pop("whisper_pool", "mean")
+        pool = d.pop("whisper_pool", "mean")
         d.pop("model_type", None)
         try:
             model_cfg = config_cls(**d)
@@ -419,7 +444,8 @@ def build_audio_encoder(kind: str, name: str | None = None, *, config: dict | No
     else:
         model = model.get_encoder()  # the decoder is not needed
     logger.info("audio encoder: %s %s", kind, name or "(inline config)")
-    return AudioEncoder(kind=kind, model=model, feature_extractor=feature_extractor, whisper_pool=whisper_pool)
+    return AudioEncoder(kind=kind, model=model, feature_extractor=feature_extractor,
+                        whisper_pool=pool if whisper_pool is None else whisper_pool)
 
 
 def _from_pretrained(load: Callable, what: str, name: str, **kwargs):

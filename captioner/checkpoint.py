@@ -1,7 +1,8 @@
 """save_pretrained / load_pretrained: config.json + model.safetensors + tokenizer files.
 
-Only parts that cannot be re-fetched by name are saved: always the mapper; the image encoder when it
-has no pretrained tag (random/custom init); the LM when it is fine-tuned or built from an inline
+Only parts that cannot be re-fetched by name are saved: always the mappers (one per modality) and the
+modality embeddings; the image encoder when it has no pretrained tag (random/custom init); the audio
+encoder when it is built from an inline config; the LM when it is fine-tuned or built from an inline
 config. Loading is strict: missing, unexpected or mis-shaped tensors are an error, never a partial load.
 Files are written atomically (temp file, fsync, rename), config.json last.
 """
@@ -18,7 +19,7 @@ import torch
 from .config import ConfigError, ModelConfig, from_dict, load_json, to_dict
 
 FORMAT = "captioner"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-modality encoders/mappers (1: image only, "mapper.*" keys)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -28,9 +29,12 @@ class CheckpointError(RuntimeError):
 
 
 def saved_parts(config: ModelConfig) -> tuple[str, ...]:
-    parts = ["mapper"]
-    if config.clip_pretrained is None:
-        parts.append("image_encoder")
+    """State-dict prefixes saved with a captioner of this config."""
+    parts = ["mappers", "modality_embed"]
+    if "image" in config.modalities and config.clip_pretrained is None:
+        parts.append("encoders.image")
+    if "audio" in config.modalities and config.audio_config is not None:
+        parts.append("encoders.audio")
     if config.finetune_lm or config.lm_config is not None:
         parts.append("lm")
     return tuple(parts)
@@ -40,7 +44,7 @@ def part_state(model: torch.nn.Module, parts: tuple[str, ...]) -> dict[str, torc
     """State of the saved parts, tied tensors (e.g. GPT-2 lm_head = wte) kept once under the first name."""
     seen, state = set(), {}
     for name, tensor in model.state_dict().items():
-        if name.split(".", 1)[0] not in parts:
+        if not any(name == p or name.startswith(p + ".") for p in parts):
             continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:
@@ -57,7 +61,7 @@ def resolved_config(model) -> ModelConfig:
 
     config = ModelConfig(**to_dict(model.config))
     parts = saved_parts(config)
-    if "image_encoder" in parts and config.clip_config is None:
+    if "encoders.image" in parts and config.clip_config is None:
         from .encoders import resolve_clip_config
 
         config.clip_config = resolve_clip_config(config) or open_clip.get_model_config(config.clip_model)

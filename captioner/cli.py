@@ -56,6 +56,10 @@ def _parse_json_arg(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _parse_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), title=None) -> None:
     """One flag per field; defaults are SUPPRESSed so only flags given by the user override a config."""
     group = parser.add_argument_group(title or cls.__name__)
@@ -64,6 +68,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), title=
         if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
             continue
         hint = hints[f.name]
+        if typing.get_origin(hint) is list:  # comma-separated, e.g. --modalities image,audio
+            group.add_argument(_flag(f.name), type=_parse_list, default=argparse.SUPPRESS, metavar="A,B",
+                               help=f"{f.metadata.get('help', '')} (default: {','.join(f.default_factory())})")
+            continue
         args = typing.get_args(hint)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint)
@@ -110,42 +118,49 @@ def cmd_caption(args) -> int:
     from tqdm.auto import tqdm
 
     from .api import Captioner
-    from .data import collect_images
     from .outputs import ErrorLog, ResultWriter
 
     decode = config_from_args(DecodeConfig, args)
     if args.output_dir:
+        if args.audio:
+            raise CLIError("sharded captioning (--output-dir) reads images only; caption audio with --output")
         return _caption_sharded(args, decode)
-    paths, failures = collect_images(args.images)
+    if not args.images and not args.audio:
+        raise CLIError("give images (files, folders, globs) and/or --audio files")
+    items, keys, failures = _caption_inputs(args.images, args.audio)
     if args.resume and not args.output:
         raise CLIError("--resume needs --output (the file to continue)")
+    id_field = "image" if args.images else "audio"
     writer = errors = None
     if args.output:
         writer = ResultWriter(args.output, fmt=args.format, num_captions=decode.num_captions, resume=args.resume,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, id_field=id_field)
         errors = ErrorLog(args.errors or f"{args.output}.errors.jsonl")
         for line in failures:
             errors.add(line.split(":", 1)[0], line)
-    skipped = len([p for p in paths if writer and p in writer.done])
-    todo = [p for p in paths if not (writer and p in writer.done)]
+    skipped = len([k for k in keys if writer and k in writer.done])
+    todo = [it for it, k in zip(items, keys) if not (writer and k in writer.done)]
     captioner = Captioner.from_pretrained(args.model, device=args.device)
+    captioner.model.check_modalities([m for m, given in (("image", args.images), ("audio", args.audio)) if given])
     done = 0
     try:
         bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=len(todo) < 2 * args.batch_size)
         results = captioner.iter_captions(todo, decode=decode, batch_size=args.batch_size,
                                           max_pixels=args.max_pixels or None)
-        for i, (path, captions, error) in enumerate(results, start=1):
+        for i, (item, captions, error) in enumerate(results, start=1):
             bar.update(1)
+            key = item[id_field]
             if error:
                 failures.append(error)
                 if errors:
-                    errors.add(path, error)
+                    errors.add(key, error)
             elif writer:
-                writer.add(path, captions)
+                writer.add(key, captions, **({"audio": item["audio"]} if id_field == "image" and "audio" in item
+                                             else {}))
                 done += 1
             else:
                 for c in captions:
-                    print(f"{path}\t{c}", flush=True)
+                    print("\t".join([*item.values(), c]), flush=True)
                 done += 1
             if writer and i % args.batch_size == 0:
                 writer.flush()  # one committed write per batch (the rest at close)
@@ -160,9 +175,31 @@ def cmd_caption(args) -> int:
             print(f"  {line}", file=sys.stderr)
         if errors:
             print(f"failures listed in {errors.path}", file=sys.stderr)
-    print(f"captioned {done} image(s), {len(failures)} failed, {skipped} skipped (already in the output)",
+    print(f"captioned {done} input(s), {len(failures)} failed, {skipped} skipped (already in the output)",
           file=sys.stderr)
     return EXIT_FAILURES if failures else EXIT_OK
+
+
+def _caption_inputs(images: list[str], audio: list[str] | None) -> tuple[list[dict], list[str], list[str]]:
+    """Expand image and audio inputs into items {"image": path, "audio": path} (either or both), their
+    output keys, and the inputs that matched nothing. With both, the expanded lists pair in order
+    (folders in sorted order), so their counts must match."""
+    from .data import collect_audio, collect_images
+
+    image_paths, failures = collect_images(images) if images else ([], [])
+    audio_paths, audio_failures = collect_audio(audio) if audio else ([], [])
+    failures += audio_failures
+    if images and audio:
+        if len(image_paths) != len(audio_paths):
+            raise CLIError(f"images and --audio pair in order, so their counts must match: {len(image_paths)} "
+                           f"image(s), {len(audio_paths)} audio file(s)")
+        unlike = [(i, a) for i, a in zip(image_paths, audio_paths) if Path(i).stem != Path(a).stem]
+        if unlike:
+            logger.warning("%d image/audio pairs have different file names, e.g. %s + %s", len(unlike), *unlike[0])
+        items = [{"image": i, "audio": a} for i, a in zip(image_paths, audio_paths)]
+    else:
+        items = [{"image": p} for p in image_paths] or [{"audio": p} for p in audio_paths]
+    return items, [it.get("image", it.get("audio")) for it in items], failures
 
 
 def _caption_sharded(args, decode) -> int:
@@ -217,8 +254,8 @@ def cmd_merge(args) -> int:
     return EXIT_OK
 
 
-SCORE_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIPScore",
-               "RefCLIPScore")
+SCORE_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "SPIDEr",
+               "CLIPScore", "RefCLIPScore")
 
 
 def print_scores(corpus: dict, *, coco_exact: bool, skipped=(), columns: dict | None = None) -> None:
@@ -263,16 +300,25 @@ def cmd_eval(args) -> int:
     decode = config_from_args(DecodeConfig, args)
     captioner = Captioner.from_pretrained(args.model, device=args.device)
     examples, _ = load_caption_set(args.data, args.split, strict=args.strict, image_root=args.image_root,
-                                   image_column=args.image_column, caption_column=args.caption_column)
+                                   image_column=args.image_column, caption_column=args.caption_column,
+                                   audio_root=args.audio_root, audio_column=args.audio_column)
     if args.limit:
         examples = examples[: args.limit]
-    scorer, note = _clip_scorer(args, captioner)
-    metrics = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", *(("SPICE",) if args.spice else ()))
+    with_audio = any(ex.audio for ex in examples)
+    scorer, note = _clip_scorer(args, captioner) if any(ex.image for ex in examples) else (None, None)
+    # Audio captioning reports SPIDEr = (CIDEr + SPICE) / 2: SPICE is tried whenever the set has sounds.
+    metrics = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", *(("SPICE",) if args.spice or with_audio else ()))
     result = captioner.evaluate(examples, decode=decode, batch_size=args.batch_size, metrics=metrics,
-                                clip_scorer=scorer)
+                                clip_scorer=scorer, modalities=args.modalities)
     skipped = [*result.skipped, *([note] if note else [])]
-    print(f"{args.model} on {args.data} [{args.split}], {len(result.examples)} images:")
+    used = "+".join(args.modalities or captioner.model.modalities)
+    print(f"{args.model} on {args.data} [{args.split}], {len(result.examples)} items, inputs: {used}:")
     print_scores(result.corpus, coco_exact=result.coco_exact, skipped=skipped)
+    if with_audio:
+        from .metrics import headline
+
+        key, value = headline(result.corpus)
+        print(f"  headline: {key} {value:.4f}" + ("" if key == "SPIDEr" else " (SPIDEr needs SPICE; see the note above)"))
     if args.output_dir:
         out = Path(args.output_dir)
         _write_json(out / "scores.json", {"model": args.model, "data": args.data, "split": args.split,
@@ -281,7 +327,7 @@ def cmd_eval(args) -> int:
                                           "per_image": result.per_image})
         _write_json(out / "predictions.json",
                     [{"image_id": k, "caption": v} for k, v in result.predictions.items()])
-        items = [{"image": ex.image, "id": ex.image_id, "prediction": result.predictions[ex.image_id],
+        items = [{"image": ex.image or "", "id": ex.image_id, "prediction": result.predictions[ex.image_id],
                   "references": ex.captions, "scores": result.per_image[ex.image_id]} for ex in result.examples]
         report = write_report(out / "report.html", items, title=f"captioner eval: {args.data} [{args.split}]",
                               corpus=result.corpus)
@@ -309,9 +355,11 @@ def cmd_score(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import run_audio_demo, run_demo
 
-    result = run_demo(args.output_dir, epochs=args.epochs, n_train=args.n_train, seed=args.seed)
+    if args.audio:
+        return _audio_demo(args, run_audio_demo)
+    result = run_demo(args.output_dir, epochs=args.epochs or 12, n_train=args.n_train or 600, seed=args.seed)
     print("\nsample test captions (prediction | first reference):")
     for image, pred, refs in result.samples[:8]:
         print(f"  {Path(image).name}: {pred!r} | {refs[0]!r}")
@@ -321,6 +369,29 @@ def cmd_demo(args) -> int:
                  skipped=[f"baseline: always answering the most frequent training caption "
                           f"{result.baseline_caption!r}"])
     print(f"\nmodel: {result.model_dir}\nreport: {result.report}")
+    return EXIT_OK
+
+
+def _audio_demo(args, run_audio_demo) -> int:
+    kw = {"epochs": args.epochs} if args.epochs is not None else {}
+    if args.n_train is not None:
+        kw["n_train"] = args.n_train
+    out = args.output_dir if args.output_dir != "demo_out" else "demo_audio_out"
+    r = run_audio_demo(out, seed=args.seed, **kw)
+    print("\nsample test captions (both | image only | audio only | first reference):")
+    for item, both, image, audio, ref in r.samples[:6]:
+        print(f"  {item}: {both!r} | {image!r} | {audio!r} | {ref!r}")
+    print("\ntest split, CIDEr (NOT COCO-exact: pure-Python tokenizer, same for every column):")
+    print(f"  {'inputs':<28}{'whole caption':>14}{'its part':>12}")
+    print(f"  {'image + audio':<28}{r.whole['both']:>14.4f}{'':>12}")
+    print(f"  {'image only':<28}{r.whole['image']:>14.4f}{r.parts['image']:>12.4f}")
+    print(f"  {'audio only':<28}{r.whole['audio']:>14.4f}{r.parts['audio']:>12.4f}")
+    print(f"  {'most frequent caption':<28}{r.whole['baseline']:>14.4f}{'':>12}")
+    print(f"  {'most frequent image part':<28}{'':>14}{r.parts['image baseline']:>12.4f}")
+    print(f"  {'most frequent sound part':<28}{'':>14}{r.parts['audio baseline']:>12.4f}")
+    print(f"  note: baselines {r.baselines['caption']!r}, {r.baselines['image']!r}, {r.baselines['audio']!r}; "
+          "'its part' scores the image (or sound) half of each caption against the same half of the references")
+    print(f"\nmodel: {r.model_dir}")
     return EXIT_OK
 
 
@@ -347,11 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("caption", help="caption images with a saved captioner",
-                       description="Caption image files, folders (recursive) and globs. Prints "
+    p = sub.add_parser("caption", help="caption images and/or sounds with a saved captioner",
+                       description="Caption image files, folders (recursive) and globs, sound files with --audio, "
+                                   "or image+sound pairs (both given: paired in order). Prints "
                                    "path<TAB>caption, or writes JSONL/CSV with --output. Unreadable inputs are "
                                    "listed at the end and make the exit code 1.")
-    p.add_argument("images", nargs="+", help="image files, folders or glob patterns (quote globs)")
+    p.add_argument("images", nargs="*", help="image files, folders or glob patterns (quote globs)")
+    p.add_argument("--audio", nargs="+", metavar="AUDIO",
+                   help="sound files (wav, flac, ogg, mp3, ...), folders or globs, for a captioner trained with "
+                        "audio; with images too, the i-th sound goes with the i-th image")
     p.add_argument("--output", "-o", help="write results to this file (.jsonl or .csv) instead of stdout")
     p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: from the file extension)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the results already "
@@ -397,7 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "file's folder)")
     p.add_argument("--image-column", help="image column of a table or Hugging Face dataset (default: auto)")
     p.add_argument("--caption-column", help="caption column of a table or Hugging Face dataset (default: auto)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--audio-column", help="audio column of a table (default: auto: audio, audio_file)")
+    p.add_argument("--audio-root", help="folder the audio files are in (Clotho/AudioCaps CSVs; default: the "
+                                        "CSV's folder)")
+    p.add_argument("--modalities", type=_parse_list, metavar="A,B",
+                   help="inputs to use, e.g. image or audio, to score what a two-input captioner says from one "
+                        "input alone (default: every input the captioner takes)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N items")
     p.add_argument("--strict", action="store_true", help="malformed rows in the caption set are errors")
     p.add_argument("--output-dir", help="write scores.json, predictions.json and report.html here")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")
@@ -434,9 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "open_clip encoder, a tiny GPT-2 with a tokenizer trained on the captions, "
                                    "training on CPU, captions for the test split, BLEU-4/CIDEr and an HTML "
                                    "gallery.")
-    p.add_argument("--output-dir", default="demo_out", help="where data, model and report go (default: demo_out)")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
-    p.add_argument("--n-train", type=int, default=600, help="training images (default: 600)")
+    p.add_argument("--output-dir", default="demo_out", help="where data, model and report go (default: demo_out, "
+                                                            "or demo_audio_out with --audio)")
+    p.add_argument("--audio", action="store_true", help="the image + sound variant: scenes whose captions need "
+                                                        "both inputs, a tiny CLAP audio encoder, scored from both "
+                                                        "inputs, the image alone and the sound alone")
+    p.add_argument("--epochs", type=int, help="training epochs (default: 12)")
+    p.add_argument("--n-train", type=int, help="training items (default: 600 images; 432 scenes with --audio)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -447,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError, ImageError
     from .encoders import ModelLoadError
     from .metrics import MetricsError
+    from .model import ModalityError
     from .sources import SourceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -460,6 +546,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CLIError, ConfigError, CheckpointError, DataError, ImageError, ModelLoadError, MetricsError,
-            SourceError) as e:
+            SourceError, ModalityError) as e:
         print(f"captioner {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

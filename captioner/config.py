@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_VERSION = 1
+MODALITIES = ("image", "audio")  # the order of their segments in the prefix
 
 
 class ConfigError(ValueError):
@@ -28,8 +29,14 @@ def _doc(text: str, **kwargs: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    """Architecture of a captioner: frozen image encoder -> mapper -> causal LM."""
+    """Architecture of a captioner: frozen encoders (image, audio) -> one mapper each -> causal LM."""
 
+    modalities: list[str] = _doc(
+        "Inputs the captioner is conditioned on: image, audio, or both (comma-separated on the command "
+        "line). Each has its own frozen encoder and mapper; the LM sees [image prefix][audio prefix][prompt], "
+        "and a modality missing from an input is left out of the prefix.",
+        default_factory=lambda: ["image"],
+    )
     clip_model: str = _doc(
         "open_clip architecture name (e.g. ViT-B-32, RN50). Ignored when clip_config is set.",
         default="ViT-B-32",
@@ -75,6 +82,24 @@ class ModelConfig:
     )
     prompt: str = _doc("Text placed after the prefix in training and decoding, e.g. 'A photo of'.",
                        default="")
+    audio_encoder: str = _doc("Audio encoder kind: 'clap' (ClapModel audio tower + projection) or 'whisper' "
+                              "(Whisper encoder, pooled over time).", default="clap")
+    audio_model: str | None = _doc(
+        "Audio encoder weights: a Hugging Face hub id or a local save_pretrained directory; default "
+        "laion/clap-htsat-unfused (clap) or openai/whisper-base (whisper). Ignored when audio_config is set.",
+        default=None,
+    )
+    audio_config: dict | None = _doc(
+        "Inline audio model config (transformers ClapConfig / WhisperConfig dict, plus optional "
+        "'feature_extractor' kwargs) for custom or tiny encoders, randomly initialised; the weights are "
+        "then saved with the captioner.",
+        default=None,
+    )
+    whisper_pool: int = _doc("Whisper encoder: 0 averages the hidden states over time; k > 0 keeps k "
+                             "consecutive time segments (each averaged), so the feature has k * width values.",
+                             default=0)
+    audio_prefix_length: int | None = _doc("Prefix embeddings of the audio segment; default prefix_length.",
+                                           default=None)
 
     def __post_init__(self) -> None:
         if self.mapper not in ("mlp", "transformer"):
@@ -82,6 +107,19 @@ class ModelConfig:
         for name in ("prefix_length", "mapper_layers", "mapper_heads", "clip_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if unknown or not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"modalities must be one or both of {', '.join(MODALITIES)} (no repeats), "
+                              f"got {self.modalities!r}")
+        self.modalities = [m for m in MODALITIES if m in self.modalities]  # canonical (prefix) order
+        if self.audio_encoder not in ("clap", "whisper"):
+            raise ConfigError(f"audio_encoder must be 'clap' or 'whisper', got {self.audio_encoder!r}")
+        if self.whisper_pool < 0 or (self.audio_prefix_length is not None and self.audio_prefix_length < 1):
+            raise ConfigError("whisper_pool must be >= 0 and audio_prefix_length >= 1")
+
+    def segment_length(self, modality: str) -> int:
+        """Prefix embeddings a modality contributes."""
+        return self.audio_prefix_length or self.prefix_length if modality == "audio" else self.prefix_length
 
 
 @dataclass

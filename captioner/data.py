@@ -1,12 +1,15 @@
 """Caption sets, image loading and input collection.
 
-A caption set is a list of `CaptionExample` (image id, image path, reference captions). Readers report
-problem rows with file and line, skip them and count them; `strict=True` makes them errors.
+A caption set is a list of `CaptionExample` (item id, image and/or audio path, reference captions).
+Readers report problem rows with file and line, skip them and count them; `strict=True` makes them errors.
 
-Formats: HF imagefolder (`read_imagefolder`), COCO captions JSON (`read_coco_captions`), Karpathy split
-JSON (`read_karpathy`), CSV/TSV/JSONL tables (`read_caption_table`), any Hugging Face `datasets` dataset
-(`read_hf_dataset`: save_to_disk directories, local data files, hf:NAME); `load_caption_set` picks one by path.
-For scoring: `load_references` ({image id: [captions]}) and `read_predictions` ({image id: caption}).
+Formats: HF imagefolder (`read_imagefolder`; rows with an image, an audio file or both), COCO captions
+JSON (`read_coco_captions`), Karpathy split JSON (`read_karpathy`), CSV/TSV/JSONL tables with image and/or
+audio columns (`read_caption_table`), Clotho and AudioCaps audio-caption CSVs (`read_clotho`,
+`read_audiocaps`), any Hugging Face `datasets` dataset with images (`read_hf_dataset`: save_to_disk
+directories, local data files, hf:NAME); `load_caption_set` picks one by path (and a CSV by its header).
+For scoring: `load_references` ({item id: [captions]}) and `read_predictions` ({item id: caption}).
+Input collection for captioning: `collect_images`, `collect_audio`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -31,6 +35,7 @@ from .images import ImageError, load_image  # noqa: F401  (re-exported: the data
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
 # Input limits (documented in README "Limits"): rows over them are reported and skipped, files over
 # them are errors.
 MAX_CAPTION_CHARS = 1000  # characters in one caption
@@ -44,10 +49,18 @@ class DataError(ValueError):
 
 @dataclass
 class CaptionExample:
-    image_id: str
-    image: str  # path to the image file
+    """One captioned item: an image, a sound, or both (a video frame with its soundtrack)."""
+
+    image_id: str  # the item's id (named after images for COCO compatibility; audio-only sets use it too)
+    image: str | None  # path to the image file, None for audio-only items
     captions: list[str]
     split: str = "train"
+    audio: str | None = None  # path to the audio file, None for image-only items
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        """{modality: path} of the inputs this item has ("image", "audio")."""
+        return {m: p for m, p in (("image", self.image), ("audio", self.audio)) if p is not None}
 
 
 @dataclass
@@ -59,20 +72,29 @@ class ReadReport:
     problems: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return f"{self.source}: {self.kept} images kept, {len(self.problems)} rows skipped"
+        return f"{self.source}: {self.kept} items kept, {len(self.problems)} rows skipped"
 
 
 def collect_images(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """Expand files, folders (recursively, image extensions only) and globs.
     Returns (paths, errors); an input that matches nothing is an error line."""
+    return _collect(inputs, IMAGE_EXTENSIONS, "images")
+
+
+def collect_audio(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`collect_images` for sound files: folders yield files with `AUDIO_EXTENSIONS`."""
+    return _collect(inputs, AUDIO_EXTENSIONS, "audio files")
+
+
+def _collect(inputs: Sequence[str], extensions: Sequence[str], what: str) -> tuple[list[str], list[str]]:
     paths, errors = [], []
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(
-                str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                str(p) for p in Path(item).rglob("*") if p.suffix.lower() in extensions and p.is_file()
             )
             if not found:
-                errors.append(f"{item}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                errors.append(f"{item}: folder holds no {what} ({', '.join(extensions)})")
             paths.extend(found)
         elif glob.has_magic(item):
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
@@ -94,84 +116,38 @@ def _inside(root: Path, path: Path) -> bool:
 
 def read_imagefolder(root: str | Path, split: str | None = None, *, strict: bool = False
                      ) -> tuple[list[CaptionExample], ReadReport]:
-    """HF imagefolder layout: `root[/split]/metadata.jsonl`, one JSON object per line with `file_name`
-    and `captions` (a list) or `caption` (a string)."""
+    """HF imagefolder layout: `root[/split]/metadata.jsonl`, one JSON object per line with `file_name` (an
+    image), `audio_file` (a sound) or both, and `captions` (a list) or `caption` (a string). Paths are
+    relative to the metadata's folder and must stay inside it. The id is the stem of `file_name`, else of
+    `audio_file`, prefixed with "split/" when a split is given. Each row is one example."""
     folder = Path(root) / split if split else Path(root)
-    meta = folder / "metadata.jsonl"
-    if not meta.exists():
-        raise DataError(f"{meta}: missing (an imagefolder caption set needs metadata.jsonl)")
-    report = ReadReport(source=str(meta))
-    examples: list[CaptionExample] = []
-
-    def bad(lineno: int, reason: str) -> None:
-        msg = f"{meta}:{lineno}: {reason}"
-        if strict:
-            raise DataError(msg)
-        report.problems.append(msg)
-
-    with open(meta, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                bad(lineno, "not valid UTF-8")
-                continue
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad(lineno, f"invalid JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-                bad(lineno, "row needs a string 'file_name'")
-                continue
-            caps = row.get("captions", row.get("caption"))
-            caps = [caps] if isinstance(caps, str) else caps
-            if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-                bad(lineno, "'captions' must be a list of strings")
-                continue
-            caps = [" ".join(c.split()) for c in caps if c.strip()]
-            if not caps:
-                bad(lineno, "no non-empty caption")
-                continue
-            if any(len(c) > MAX_CAPTION_CHARS for c in caps):
-                bad(lineno, f"caption longer than {MAX_CAPTION_CHARS} characters")
-                continue
-            if len(caps) > MAX_REFERENCES:
-                bad(lineno, f"more than {MAX_REFERENCES} captions in one row")
-                continue
-            path = folder / row["file_name"]
-            if Path(row["file_name"]).is_absolute() or not _inside(folder, path):
-                bad(lineno, f"image path {row['file_name']!r} escapes the dataset folder")
-                continue
-            if not path.is_file():
-                bad(lineno, f"image file {row['file_name']!r} not found")
-                continue
-            examples.append(CaptionExample(image_id=Path(row["file_name"]).stem if split is None
-                                           else f"{split}/{Path(row['file_name']).stem}",
-                                           image=str(path), captions=caps, split=split or "train"))
-    return _finish(report, examples)
+    if not (folder / "metadata.jsonl").exists():
+        raise DataError(f"{folder / 'metadata.jsonl'}: missing (an imagefolder caption set needs metadata.jsonl)")
+    return _imagefolder_table(folder, split, strict=strict, require_files=True, group=False)
 
 
 # ------------------------------------------------------------------ more caption-set formats
 #
 # Every reader below returns (examples, ReadReport) like `read_imagefolder`: a problem row is reported as
 # "FILE:LINE: reason" (JSON documents, which have no rows, as "FILE: images[3]: reason"), skipped and
-# counted; strict=True raises DataError on the first one. `require_images=False` (references for
-# scoring) skips the image-file check; paths must still stay inside the dataset root.
+# counted; strict=True raises DataError on the first one. `require_images=False` / `require_files=False`
+# (references for scoring) skips the image- and audio-file checks; paths must still stay inside the root.
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test", "train+restval")
 TABLE_IMAGE_COLUMNS = ("image", "file_name", "image_id", "id")  # tried in order when no column is named
+TABLE_AUDIO_COLUMNS = ("audio", "audio_file")  # an optional audio column, tried in order when none is named
 TABLE_CAPTION_COLUMNS = ("caption", "captions")
 PREDICTION_ID_KEYS = ("image_id", "id", "image")  # first present wins
 _TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 _REFERENCE_FORMATS = ("COCO captions JSON ('images' + 'annotations'), Karpathy split JSON ('images' with "
                       "'sentences'), an imagefolder directory (metadata.jsonl, optionally in a split folder), "
-                      "or a .csv/.tsv/.jsonl table with image and caption columns")
+                      "a Clotho or AudioCaps captions .csv, or a .csv/.tsv/.jsonl table with image and/or audio "
+                      "and caption columns")
 _CAPTION_SET_FORMATS = ("an imagefolder directory (metadata.jsonl), a COCO captions or Karpathy split .json, "
-                        "a .csv/.tsv/.jsonl table, or a `datasets` dataset (a save_to_disk directory, a "
-                        ".parquet/.arrow file, or hf:OWNER/NAME)")
+                        "a Clotho (file_name,caption_1,...) or AudioCaps (audiocap_id,youtube_id,start_time,"
+                        "caption) .csv, a .csv/.tsv/.jsonl table with image and/or audio columns, or a "
+                        "`datasets` dataset with images (a save_to_disk directory, a .parquet/.arrow file, or "
+                        "hf:OWNER/NAME)")
 
 _Bad = Callable[[str, str], None]
 
@@ -234,29 +210,30 @@ def _clean_captions(value, *, allow_list: bool = True) -> tuple[list[str], str |
     return caps, None
 
 
-def _check_image(root: Path, name, *, require_images: bool) -> tuple[str, str | None]:
-    """An image path relative to the dataset root -> (path, None), or ("", reason). The path must stay
-    inside the root (no absolute paths, no '..' or symlink escapes); the file must exist when required."""
+def _check_file(root: Path, name, *, must_exist: bool, what: str = "image") -> tuple[str, str | None]:
+    """An input path relative to the dataset root -> (path, None), or ("", reason); `what` ("image" or
+    "audio") names it in the reason. The path must stay inside the root (no absolute paths, no '..' or
+    symlink escapes); the file must exist when `must_exist`."""
     if not isinstance(name, str) or not name.strip():
-        return "", "image path must be a non-empty string"
+        return "", f"{what} path must be a non-empty string"
     if not _is_utf8(name):
-        return "", "image path is not valid UTF-8"
+        return "", f"{what} path is not valid UTF-8"
     if "\x00" in name:
-        return "", f"image path {name!r} contains a NUL character"
+        return "", f"{what} path {name!r} contains a NUL character"
     path = root / name
     try:
         inside = not Path(name).is_absolute() and _inside(root, path)
     except (OSError, RuntimeError) as e:  # RuntimeError: symlink loop
-        return "", f"image path {name!r} cannot be resolved ({e})"
+        return "", f"{what} path {name!r} cannot be resolved ({e})"
     if not inside:
-        return "", f"image path {name!r} escapes the dataset folder"
-    if require_images:
+        return "", f"{what} path {name!r} escapes the dataset folder"
+    if must_exist:
         try:
             found = path.is_file()
         except OSError as e:
-            return "", f"image file {name!r} unreadable ({e.strerror or e})"
+            return "", f"{what} file {name!r} unreadable ({e.strerror or e})"
         if not found:
-            return "", f"image file {name!r} not found"
+            return "", f"{what} file {name!r} not found"
     return str(path), None
 
 
@@ -362,87 +339,283 @@ def _table_format(path: Path, raw: bytes) -> str:
     return "tsv" if first.count(b"\t") > first.count(b",") else "csv"
 
 
-def _table_rows(path: Path, raw: bytes, fmt: str, image_columns: Sequence[str],
-                caption_columns: Sequence[str], bad: _Bad) -> Iterator[tuple[str, dict, str | None, str | None]]:
-    """(where, row, image key, caption key) for each table row; keys are None when the row lacks them."""
-    if fmt == "jsonl":
-        for lineno, row in _jsonl_rows(path, raw, bad):
-            yield (f"{path}:{lineno}", row, next((c for c in image_columns if c in row), None),
-                   next((c for c in caption_columns if c in row), None))
-        return
-    records = _csv_records(path, raw, "\t" if fmt == "tsv" else ",", bad)
+def _csv_rows(path: Path, raw: bytes, delimiter: str, bad: _Bad, what: str
+              ) -> tuple[int, list[str], Iterator[tuple[str, dict[str, str]]]]:
+    """(header line, header, rows) of a CSV/TSV with a header row; rows are (where, {column: field}), and
+    records with another number of fields go to bad(). An empty file is a DataError: `what` needs a header."""
+    records = _csv_records(path, raw, delimiter, bad)
     first = next(records, None)
     if first is None:
-        raise DataError(f"{path}: empty file (a {fmt.upper()} caption table needs a header row)")
+        raise DataError(f"{path}: empty file ({what} needs a header row)")
     header_line, header = first
     header = [h.strip() for h in header]
+    index = {h: i for i, h in reversed(list(enumerate(header)))}  # a repeated column name means its first one
 
-    def column(wanted: Sequence[str], what: str) -> str:
-        for c in wanted:
-            if c in header:
-                return c
-        raise DataError(f"{path}:{header_line}: no {what} column (looked for "
-                        f"{', '.join(map(repr, wanted))}; the header has {', '.join(map(repr, header))})")
-
-    image_key, caption_key = column(image_columns, "image"), column(caption_columns, "caption")
-    index = {h: header.index(h) for h in (image_key, caption_key)}
-    for lineno, record in records:
-        where = f"{path}:{lineno}"
-        if len(record) != len(header):
-            bad(where, f"row has {len(record)} fields, the header has {len(header)} "
-                       "(unquoted delimiter in a caption?)")
-            continue
-        yield where, {k: record[i] for k, i in index.items()}, image_key, caption_key
+    def rows() -> Iterator[tuple[str, dict[str, str]]]:
+        for lineno, record in records:
+            where = f"{path}:{lineno}"
+            if len(record) != len(header):
+                bad(where, f"row has {len(record)} fields, the header has {len(header)} "
+                           "(unquoted delimiter in a caption?)")
+                continue
+            yield where, {h: record[i] for h, i in index.items()}
+    return header_line, header, rows()
 
 
-def _read_table(path: Path, *, image_columns: Sequence[str], caption_columns: Sequence[str], strict: bool,
-                require_images: bool, split: str, image_id: Callable[[str], str] | None = None
+def _table_keys(present: Iterable[str], image_columns: Sequence[str], audio_columns: Sequence[str],
+                caption_columns: Sequence[str]) -> tuple[str | None, str | None, str | None]:
+    """(image key, audio key, caption key): the first candidate of each among `present`, or None."""
+    present = set(present)
+    audio_key = next((c for c in audio_columns if c in present), None)
+    if audio_key is not None and len(image_columns) > 1:
+        # auto-detected next to an audio column, an id column names the item, not an image file
+        image_columns = [c for c in image_columns if c not in ("image_id", "id")]
+    return (next((c for c in image_columns if c in present), None), audio_key,
+            next((c for c in caption_columns if c in present), None))
+
+
+def _table_rows(path: Path, raw: bytes, fmt: str, image_columns: Sequence[str], audio_columns: Sequence[str],
+                caption_columns: Sequence[str], bad: _Bad
+                ) -> Iterator[tuple[str, dict, str | None, str | None, str | None]]:
+    """(where, row, image key, audio key, caption key) for each table row; keys are None when the row (a
+    JSONL line) or the header (CSV/TSV) lacks them. A header needs a caption column and an image or audio
+    column; an audio column named by the caller (the only candidate) must be there."""
+    if fmt == "jsonl":
+        for lineno, row in _jsonl_rows(path, raw, bad):
+            yield (f"{path}:{lineno}", row, *_table_keys(row, image_columns, audio_columns, caption_columns))
+        return
+    header_line, header, rows = _csv_rows(path, raw, "\t" if fmt == "tsv" else ",", bad,
+                                          f"a {fmt.upper()} caption table")
+    image_key, audio_key, caption_key = _table_keys(header, image_columns, audio_columns, caption_columns)
+    has = f"the header has {', '.join(map(repr, header))}"
+    if audio_key is None and len(audio_columns) == 1:
+        raise DataError(f"{path}:{header_line}: no audio column {audio_columns[0]!r} ({has})")
+    if image_key is None and audio_key is None:
+        nor = f"; nor an audio column: {', '.join(map(repr, audio_columns))}" if audio_columns else ""
+        raise DataError(f"{path}:{header_line}: no image column (looked for "
+                        f"{', '.join(map(repr, image_columns))}{nor}; {has})")
+    if caption_key is None:
+        raise DataError(f"{path}:{header_line}: no caption column (looked for "
+                        f"{', '.join(map(repr, caption_columns))}; {has})")
+    for where, row in rows:
+        yield where, row, image_key, audio_key, caption_key
+
+
+def _row_inputs(row: dict, image_key: str | None, audio_key: str | None) -> dict[str, object]:
+    """{"image"/"audio": cell} of the inputs a table row gives. Next to an audio column an empty cell is no
+    input (an audio-only row of an image+audio table); without one, the image cell is taken as it is, so an
+    empty image is reported as such. JSONL integer ids become strings."""
+    if audio_key is None:
+        cells = {"image": row[image_key]} if image_key is not None else {}
+    else:
+        cells = {m: row[k] for m, k in (("image", image_key), ("audio", audio_key))
+                 if k is not None and row[k] is not None and not (isinstance(row[k], str) and not row[k].strip())}
+    return {m: str(v) if _is_id(v) and not isinstance(v, str) else v for m, v in cells.items()}
+
+
+def _read_table(path: Path, *, image_columns: Sequence[str], caption_columns: Sequence[str],
+                audio_columns: Sequence[str] = (), strict: bool, require_images: bool, split: str,
+                image_id: Callable[[str], str] | None = None, group: bool = True
                 ) -> tuple[list[CaptionExample], ReadReport]:
-    """Shared body of `read_caption_table` and the imagefolder reference reader: rows grouped per image."""
+    """Shared body of `read_caption_table` and the imagefolder readers. Each row needs a caption and an
+    image or audio path; the id comes from the image path, else the audio path (`image_id` of it, default:
+    the path normalised). With `group`, rows with the same id are one example (the first row's files)."""
     raw = _read_bytes(path)
     fmt = _table_format(path, raw)
     report = ReadReport(source=str(path))
     bad = _reporter(report, strict)
     root = path.parent
+    examples: list[CaptionExample] = []
     by_id: dict[str, CaptionExample] = {}
-    for where, row, image_key, caption_key in _table_rows(path, raw, fmt, image_columns, caption_columns, bad):
-        if image_key is None:
-            bad(where, f"row needs an image field ({' or '.join(map(repr, image_columns))})")
+    for where, row, image_key, audio_key, caption_key in _table_rows(path, raw, fmt, image_columns, audio_columns,
+                                                                     caption_columns, bad):
+        cells = _row_inputs(row, image_key, audio_key)
+        if not cells:
+            needs = f"an image field ({' or '.join(map(repr, image_columns))})"
+            if audio_columns:
+                needs = f"a non-empty image field ({' or '.join(map(repr, image_columns))}) or audio field " \
+                        f"({' or '.join(map(repr, audio_columns))})"
+            bad(where, f"row needs {needs}")
             continue
         if caption_key is None:
             bad(where, f"row needs a caption field ({' or '.join(map(repr, caption_columns))})")
             continue
-        name = row[image_key]
-        if _is_id(name) and not isinstance(name, str):
-            name = str(name)  # JSONL integer ids, e.g. {"image_id": 42, "caption": ...}
         caps, reason = _clean_captions(row[caption_key])
-        if reason is None:
-            image, reason = _check_image(root, name, require_images=require_images)
+        paths: dict[str, str] = {}
+        for modality, name in cells.items():
+            if reason is None:
+                paths[modality], reason = _check_file(root, name, must_exist=require_images, what=modality)
         if reason is not None:
             bad(where, reason)
             continue
+        name = cells.get("image", cells.get("audio"))
         key = image_id(name) if image_id else os.path.normpath(name).replace(os.sep, "/")
-        if key in by_id:
+        if group and key in by_id:
             by_id[key].captions.extend(caps)
-        else:
-            by_id[key] = CaptionExample(image_id=key, image=image, captions=caps, split=split)
-    return _finish(report, list(by_id.values()))
+            continue
+        by_id[key] = CaptionExample(image_id=key, image=paths.get("image"), captions=caps, split=split,
+                                    audio=paths.get("audio"))
+        examples.append(by_id[key])
+    return _finish(report, examples)
 
 
 def read_caption_table(path: str | Path, *, image_column: str | None = "image", caption_column: str | None = "caption",
-                       strict: bool = False, require_images: bool = True
+                       audio_column: str | None = None, strict: bool = False, require_images: bool = True
                        ) -> tuple[list[CaptionExample], ReadReport]:
     """A CSV, TSV (extension .tsv, or more tabs than commas in the header) or JSONL (extension .jsonl, or
-    content starting with '{') table with one caption per row; rows naming the same image are grouped in
+    content starting with '{') table with one caption per row; rows naming the same item are grouped in
     first-seen order. Image paths are relative to the table's folder; the image id is that path,
     normalised ('./a.jpg' -> 'a.jpg'). An imagefolder `metadata.csv` reads with image_column="file_name".
     A column of None is auto-detected (`TABLE_IMAGE_COLUMNS`, `TABLE_CAPTION_COLUMNS`). JSONL rows may
     hold a list of captions. Problems carry the file's own line numbers (a quoted CSV field may span
-    lines: the row's first line is given). Examples' split is the file's stem."""
+    lines: the row's first line is given). Examples' split is the file's stem.
+
+    Audio: an audio column (`audio_column`, which must then exist; None: the first of
+    `TABLE_AUDIO_COLUMNS` present, if any) holds sound-file paths, relative like image paths. With one,
+    the image column is optional (an audio-only table is fine; 'image_id'/'id' columns are then not taken
+    for image paths unless named): each row needs an image or an audio path, and the id is the normalised
+    image path, else the normalised audio path. `require_images=False` skips both files' existence checks."""
     path = Path(path)
     return _read_table(path, image_columns=(image_column,) if image_column else TABLE_IMAGE_COLUMNS,
+                       audio_columns=(audio_column,) if audio_column else TABLE_AUDIO_COLUMNS,
                        caption_columns=(caption_column,) if caption_column else TABLE_CAPTION_COLUMNS,
                        strict=strict, require_images=require_images, split=path.stem)
+
+
+# ------------------------------------------------------------------ audio caption sets: Clotho, AudioCaps
+
+_CLOTHO_PREFIX = "clotho_captions_"  # clotho_captions_<split>.csv sits beside the <split>/ audio folder
+
+
+def read_clotho(path: str | Path, audio_root: str | Path | None = None, *, strict: bool = False,
+                require_files: bool = True) -> tuple[list[CaptionExample], ReadReport]:
+    """Clotho captions CSV (clotho_captions_development.csv, _validation, _evaluation): header
+    `file_name,caption_1,...,caption_5`, one audio clip a row with its captions (empty caption cells are
+    dropped). The clip is audio_root/file_name (default root: the CSV's folder); a file not there is also
+    looked for in `<CSV folder>/<split>/` when the CSV is named clotho_captions_<split>.csv (Clotho's own
+    layout). The id is file_name; examples' split is <split>, else the file's stem."""
+    path = Path(path)
+    split = path.stem.removeprefix(_CLOTHO_PREFIX) or path.stem
+    roots = [Path(audio_root) if audio_root is not None else path.parent]
+    if split != path.stem:
+        roots.append(path.parent / split)
+    report = ReadReport(source=str(path))
+    bad = _reporter(report, strict)
+    header_line, header, rows = _csv_rows(path, _read_bytes(path), ",", bad, "a Clotho captions CSV")
+    caption_columns = [h for h in header if re.fullmatch(r"caption_\d+", h)]
+    if "file_name" not in header or not caption_columns:
+        raise DataError(f"{path}:{header_line}: not a Clotho captions CSV (the header needs file_name, caption_1, "
+                        f"...; it has {', '.join(map(repr, header))})")
+    by_id: dict[str, CaptionExample] = {}
+    for where, row in rows:
+        caps, reason = _clean_captions([row[c] for c in caption_columns])
+        if reason is not None:
+            bad(where, reason)
+            continue
+        for root in roots:
+            audio, reason = _check_file(root, row["file_name"], must_exist=require_files, what="audio")
+            if reason is None:
+                break
+        else:  # in no root
+            bad(where, f"{reason} (looked in {', '.join(map(str, roots))})")
+            continue
+        key = row["file_name"]
+        if key in by_id:
+            by_id[key].captions.extend(caps)
+        else:
+            by_id[key] = CaptionExample(image_id=key, image=None, captions=caps, split=split, audio=audio)
+    return _finish(report, list(by_id.values()), "no usable clips")
+
+
+def read_audiocaps(path: str | Path, audio_root: str | Path | None = None, *, strict: bool = False,
+                   require_files: bool = True) -> tuple[list[CaptionExample], ReadReport]:
+    """AudioCaps CSV (train.csv, val.csv, test.csv): header `audiocap_id,youtube_id,start_time,caption`
+    (audiocap_id optional), one caption a row; rows with the same youtube_id and start_time are one clip
+    (val and test have 5 captions a clip). The id is "{youtube_id}_{start_time}" as written; examples'
+    split is the file's stem.
+
+    Downloaded AudioCaps audio is named in several ways, so the audio root (default: the CSV's folder) is
+    indexed once, recursively (`AUDIO_EXTENSIONS`), by file stem, and each clip takes the first stem found
+    of: {audiocap_id} (of each of its rows), {youtube_id}_{start_time} (as written, and as an integer and a
+    float when integral: 30 and 30.0), Y{youtube_id}, {youtube_id}. A clip without a file is reported at
+    its first row, after the row problems (all rows are read before files are looked up).
+    `require_files=False` (references for scoring) skips the lookup: examples then have no audio path."""
+    path = Path(path)
+    root = Path(audio_root) if audio_root is not None else path.parent
+    report = ReadReport(source=str(path))
+    bad = _reporter(report, strict)
+    header_line, header, rows = _csv_rows(path, _read_bytes(path), ",", bad, "an AudioCaps CSV")
+    if not {"youtube_id", "start_time", "caption"} <= set(header):
+        raise DataError(f"{path}:{header_line}: not an AudioCaps CSV (the header needs youtube_id, start_time "
+                        f"and caption; it has {', '.join(map(repr, header))})")
+    by_id: dict[str, CaptionExample] = {}
+    clips: dict[str, tuple[str, str, str, list[str]]] = {}  # id -> (first row, youtube_id, start, audiocap ids)
+    for where, row in rows:
+        ytid, start = row["youtube_id"].strip(), row["start_time"].strip()
+        if not ytid or not start or not _is_utf8(ytid + start):
+            bad(where, "row needs a youtube_id and a start_time (non-empty, valid UTF-8)")
+            continue
+        caps, reason = _clean_captions(row["caption"], allow_list=False)
+        if reason is not None:
+            bad(where, reason)
+            continue
+        key = f"{ytid}_{start}"
+        if key not in by_id:
+            by_id[key] = CaptionExample(image_id=key, image=None, captions=[], split=path.stem)
+            clips[key] = (where, ytid, start, [])
+        by_id[key].captions.extend(caps)
+        audiocap_id = row.get("audiocap_id", "").strip()
+        if audiocap_id:
+            clips[key][3].append(audiocap_id)  # val/test give each caption row its own id: any may name the file
+    if not require_files:
+        return _finish(report, list(by_id.values()), "no usable clips")
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory (the audio root of {path})")
+    files: dict[str, str] = {}  # file stem -> path; the first in sorted order where stems repeat
+    for found in collect_audio([str(root)])[0]:
+        files.setdefault(Path(found).stem, found)
+    examples = []
+    for key, example in by_id.items():
+        where, ytid, start, audiocap_ids = clips[key]
+        tried = _audiocaps_stems(audiocap_ids, ytid, start)
+        example.audio = next((files[stem] for stem in tried if stem in files), None)
+        if example.audio is None:
+            bad(where, f"audio for youtube_id {ytid} (start {start}) not found in {root} (tried {', '.join(tried)})")
+            continue
+        examples.append(example)
+    return _finish(report, examples, "no usable clips")
+
+
+def _audiocaps_stems(audiocap_ids: Sequence[str], youtube_id: str, start: str) -> list[str]:
+    """The file stems an AudioCaps clip may be saved under, in the order they are tried."""
+    starts = [start]
+    with contextlib.suppress(ValueError, OverflowError):
+        t = float(start)
+        if t.is_integer():
+            starts += [str(int(t)), str(float(int(t)))]  # "30" and "30.0", whichever was written
+    return list(dict.fromkeys([*audiocap_ids, *(f"{youtube_id}_{s}" for s in starts), f"Y{youtube_id}", youtube_id]))
+
+
+def _audio_csv_reader(path: Path) -> Callable[..., tuple[list[CaptionExample], ReadReport]] | None:
+    """`read_clotho` or `read_audiocaps` for a .csv whose header is theirs, else None (a generic table).
+    Only the first line is read: a caption set may be large."""
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(65536)
+    except OSError:
+        return None  # the reader that opens it next names the reason
+    text = first.decode("utf-8", errors="replace").removeprefix("\ufeff").rstrip("\r\n")
+    try:
+        header = {h.strip() for h in next(csv.reader([text]), [])}
+    except csv.Error:
+        return None
+    if {"file_name", "caption_1"} <= header:
+        return read_clotho
+    if {"youtube_id", "caption"} <= header:
+        return read_audiocaps
+    return None
 
 
 def read_coco_captions(annotation_file: str | Path, image_root: str | Path | None = None, *, strict: bool = False,
@@ -503,7 +676,7 @@ def _coco_from_data(data, path: Path, image_root, *, strict: bool, require_image
         if not captions[key]:
             bad(where, f"image {key!r} has no captions")
             continue
-        image, reason = _check_image(root, name, require_images=require_images)
+        image, reason = _check_file(root, name, must_exist=require_images)
         if reason is not None:
             bad(where, reason)
             continue
@@ -570,8 +743,8 @@ def _karpathy_from_data(data, path: Path, image_root, split: str, *, strict: boo
         if key in seen:
             bad(where, f"duplicate image id {key!r} (first at images[{seen[key]}])")
             continue
-        image, reason = _check_image(root, os.path.join(filepath, filename) if filepath else filename,
-                                     require_images=require_images)
+        image, reason = _check_file(root, os.path.join(filepath, filename) if filepath else filename,
+                                    must_exist=require_images)
         if reason is not None:
             bad(where, reason)
             continue
@@ -580,31 +753,36 @@ def _karpathy_from_data(data, path: Path, image_root, split: str, *, strict: boo
     return _finish(report, examples, f"no usable images in split {split!r}")
 
 
-def _read_imagefolder_references(folder: Path, split: str | None) -> tuple[list[CaptionExample], ReadReport]:
-    """`folder/metadata.jsonl` with ids as `read_imagefolder` gives them ('split/stem', or 'stem' without a
-    split), the images unchecked; rows naming the same file are grouped."""
-    return _read_table(folder / "metadata.jsonl", image_columns=("file_name",),
-                       caption_columns=("captions", "caption"), strict=False, require_images=False,
-                       split=split or "train",
+def _imagefolder_table(folder: Path, split: str | None, *, strict: bool, require_files: bool, group: bool
+                       ) -> tuple[list[CaptionExample], ReadReport]:
+    """`folder/metadata.jsonl` as `read_imagefolder` reads it: ids 'split/stem' (or 'stem' without a split)
+    of `file_name`, else of `audio_file`. References (require_files=False) group rows naming one file."""
+    return _read_table(folder / "metadata.jsonl", image_columns=("file_name",), audio_columns=("audio_file",),
+                       caption_columns=("captions", "caption"), strict=strict, require_images=require_files,
+                       split=split or "train", group=group,
                        image_id=lambda name: f"{split}/{Path(name).stem}" if split else Path(name).stem)
 
 
 def load_references(path: str | Path, *, split: str = "test") -> dict[str, list[str]]:
-    """Reference captions for scoring, {image id: [captions]}, from any of: a COCO captions JSON (has
+    """Reference captions for scoring, {item id: [captions]}, from any of: a COCO captions JSON (has
     'annotations'), a Karpathy split JSON (its `split`), an imagefolder directory (path/split/metadata.jsonl,
-    else path/metadata.jsonl) or a .csv/.tsv/.jsonl table (columns auto-detected). Image files need not
+    else path/metadata.jsonl; image and/or audio rows), a Clotho or AudioCaps captions CSV (by its header;
+    one split already) or a .csv/.tsv/.jsonl table (columns auto-detected). Image and audio files need not
     exist. Problem rows are logged and skipped; an unknown format is a DataError listing the accepted ones."""
     path = Path(path)
+    audio_reader = _audio_csv_reader(path)
     if path.is_dir():
         if (path / split / "metadata.jsonl").is_file():
-            examples, _ = _read_imagefolder_references(path / split, split)
+            examples, _ = _imagefolder_table(path / split, split, strict=False, require_files=False, group=True)
         elif (path / "metadata.jsonl").is_file():
-            examples, _ = _read_imagefolder_references(path, None)
+            examples, _ = _imagefolder_table(path, None, strict=False, require_files=False, group=True)
         else:
             raise DataError(f"{path}: directory holds no metadata.jsonl (nor {split}/metadata.jsonl); "
                             f"accepted reference formats: {_REFERENCE_FORMATS}")
     elif not path.exists():
         raise DataError(f"{path}: no such file or directory")
+    elif audio_reader is not None:
+        examples, _ = audio_reader(path, require_files=False)
     elif path.suffix.lower() in _TABLE_SUFFIXES:
         examples, _ = read_caption_table(path, image_column=None, caption_column=None, require_images=False)
     elif path.suffix.lower() == ".json":
@@ -880,12 +1058,16 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
 
 def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = False, image_column: str | None = None,
                      caption_column: str | None = None, image_root: str | Path | None = None,
-                     cache_dir: str | Path | None = None) -> tuple[list[CaptionExample], ReadReport]:
+                     cache_dir: str | Path | None = None, audio_root: str | Path | None = None,
+                     audio_column: str | None = None) -> tuple[list[CaptionExample], ReadReport]:
     """A caption set for training or evaluation: a directory -> `read_imagefolder` (its `split` folder
     when that exists, else the directory itself); a .json -> `read_coco_captions` or `read_karpathy` by
-    content (a COCO file is one split already: `split` only labels its examples); a .csv/.tsv/.jsonl ->
-    `read_caption_table` (columns auto-detected unless named). `image_root` (COCO/Karpathy only; default:
-    the JSON's folder) is where image paths start. Images must exist.
+    content (a COCO file is one split already: `split` only labels its examples); a .csv whose header is
+    Clotho's or AudioCaps' -> `read_clotho` / `read_audiocaps` (one split already, like COCO); other
+    .csv/.tsv/.jsonl -> `read_caption_table` (columns auto-detected unless named; `audio_column` names its
+    audio column). `image_root` (COCO/Karpathy only; default: the JSON's folder) is where image paths
+    start; `audio_root` (Clotho/AudioCaps only; default: the CSV's folder) is where audio files are.
+    Images and audio files must exist.
 
     `read_hf_dataset` (a `datasets` dataset; `cache_dir` is where images that are not files go) reads
     "hf:owner/name" hub names, directories written by `save_to_disk`, .parquet/.arrow files, and
@@ -894,6 +1076,14 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
     if image_root is not None and (str(spec).startswith(HF_PREFIX) or path.is_dir() or path.suffix.lower() != ".json"):
         raise DataError(f"{path}: an image root applies only to COCO/Karpathy JSON files (image paths of an "
                         "imagefolder or a table are relative to its own folder)")
+    audio_reader = _audio_csv_reader(path)
+    if audio_root is not None and audio_reader is None:
+        raise DataError(f"{path}: an audio root applies only to Clotho and AudioCaps CSV files (audio paths of an "
+                        "imagefolder or a table are relative to its own folder)")
+    if audio_column is not None and (audio_reader is not None or str(spec).startswith(HF_PREFIX)
+                                     or path.suffix.lower() not in _TABLE_SUFFIXES):
+        raise DataError(f"{path}: an audio column applies only to .csv/.tsv/.jsonl caption tables (Clotho and "
+                        "AudioCaps CSVs have their own layout)")
     if str(spec).startswith(HF_PREFIX) or is_saved_hf_dataset(path) or (
             path.is_file() and path.suffix.lower() in (".parquet", ".arrow")) or (
             path.is_dir() and (image_column or caption_column) and not (path / "metadata.jsonl").is_file()
@@ -914,9 +1104,11 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
             raise DataError(f"{path}: neither a COCO captions file nor a Karpathy split file; accepted caption "
                             f"sets: {_CAPTION_SET_FORMATS}")
         examples, report = _coco_from_data(data, path, image_root, strict=strict, require_images=True)
+    elif audio_reader is not None:
+        examples, report = audio_reader(path, audio_root, strict=strict)
     elif ext in _TABLE_SUFFIXES:
         examples, report = read_caption_table(path, image_column=image_column, caption_column=caption_column,
-                                              strict=strict)
+                                              audio_column=audio_column, strict=strict)
     else:
         raise DataError(f"{path}: unknown caption-set format; accepted caption sets: {_CAPTION_SET_FORMATS}")
     if split:

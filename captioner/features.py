@@ -1,7 +1,8 @@
-"""Image feature cache: each unique image is encoded once, batched, and stored memory-mapped.
+"""Feature cache: each unique image (or sound) is encoded once, batched, and stored memory-mapped.
 
 A cache directory holds one folder per encoder key: a hash of everything that changes the features
-(open_clip architecture, pretrained weights, preprocessing). A different encoder never reuses stale
+(open_clip architecture, pretrained weights, preprocessing; for audio the audio model, its feature
+extractor and pooling). A different encoder never reuses stale
 features. Inside, extraction runs write append-only shards: `shard-NNNNN.json` (the image keys it
 covers), `shard-NNNNN.npy` (features, float32 memmap) and `shard-NNNNN.done` (a byte per row, set
 after the row's batch is flushed). An interrupted extraction resumes without recomputing finished
@@ -45,14 +46,26 @@ def image_key(path: str) -> str:
     return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
-class _Images(Dataset):
-    def __init__(self, paths: Sequence[str], preprocess: Callable):
-        self.paths, self.preprocess = paths, preprocess
+def audio_encoder_key(config, preprocess) -> str:
+    """Hash of what determines audio features: audio model identity, pooling and feature extraction."""
+    desc = {"format": CACHE_FORMAT, "modality": "audio", "audio_encoder": config.audio_encoder,
+            "audio_model": config.audio_model, "audio_config": config.audio_config,
+            "whisper_pool": config.whisper_pool, "preprocess": repr(preprocess)}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class _Inputs(Dataset):
+    """path -> encoder input: `load(path)` when given, else `preprocess(load_image(path))`."""
+
+    def __init__(self, paths: Sequence[str], preprocess: Callable | None, load: Callable | None = None):
+        self.paths, self.preprocess, self.load = paths, preprocess, load
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
+        if self.load is not None:
+            return self.load(self.paths[i])  # e.g. audio: {"input_features": ..., ...}
         return self.preprocess(load_image(self.paths[i]))  # (3, H, W)
 
 
@@ -63,6 +76,7 @@ class FeatureCache:
         self.dir = Path(root) / key
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
+        self.load: Callable | None = None  # set by get(): path -> encoder input
         meta = self.dir / "meta.json"
         if meta.exists():
             stored = json.loads(meta.read_text())
@@ -88,10 +102,13 @@ class FeatureCache:
                     out[key] = (feats, row)
         return out
 
-    def get(self, paths: Sequence[str], encode: Callable[[torch.Tensor], torch.Tensor], preprocess: Callable, *,
-            batch_size: int = 64, num_workers: int = 0, device: torch.device | str = "cpu",
-            desc: str = "encoding images") -> torch.Tensor:
-        """Features (N, dim) for `paths` (duplicates allowed), encoding only what the cache lacks."""
+    def get(self, paths: Sequence[str], encode: Callable[[torch.Tensor], torch.Tensor], preprocess: Callable | None,
+            *, load: Callable | None = None, batch_size: int = 64, num_workers: int = 0,
+            device: torch.device | str = "cpu", desc: str = "encoding images") -> torch.Tensor:
+        """Features (N, dim) for `paths` (duplicates allowed), encoding only what the cache lacks.
+        Each file becomes encoder input through `load(path)` (picklable, for workers) when given, else
+        `preprocess(load_image(path))`."""
+        self.load = load
         keys = [image_key(p) for p in paths]
         index = self.index()
         self._resume_unfinished(index, encode, preprocess, batch_size, num_workers, device, desc)
@@ -128,14 +145,16 @@ class FeatureCache:
 
     def _fill(self, stem, paths, rows, encode, preprocess, batch_size, num_workers, device, desc):
         feats = np.load(f"{stem}.npy", mmap_mode="r+")
-        loader = DataLoader(_Images(paths, preprocess), batch_size=batch_size, num_workers=num_workers,
+        loader = DataLoader(_Inputs(paths, preprocess, self.load), batch_size=batch_size, num_workers=num_workers,
                             pin_memory=torch.cuda.is_available(), shuffle=False)
         t0, seen = time.perf_counter(), 0
         with open(f"{stem}.done", "r+b") as done, tqdm(total=len(paths), desc=desc, unit="img") as bar:
-            for b, images in enumerate(loader):
+            for b, inputs in enumerate(loader):
                 batch_rows = rows[b * batch_size:(b + 1) * batch_size]
+                if isinstance(inputs, torch.Tensor):
+                    inputs = inputs.to(device, non_blocking=True)
                 with torch.no_grad():
-                    out = encode(images.to(device, non_blocking=True)).float().cpu().numpy()  # (B, F)
+                    out = encode(inputs).float().cpu().numpy()  # (B, F)
                 feats[batch_rows] = out
                 feats.flush()  # features hit the file before their rows are marked done
                 for r in batch_rows:

@@ -1,4 +1,4 @@
-"""Mapping networks: an image feature (B, F) -> a prefix of LM input embeddings (B, P, D).
+"""Mapping networks: one modality's feature (B, F) -> a prefix of LM input embeddings (B, P, D).
 
 Pure nn modules, no I/O. `MLPMapper` is ClipCap's MLP; `TransformerMapper` projects the feature into
 `clip_length` tokens, appends `prefix_length` learned constant queries, runs a few transformer layers
@@ -84,12 +84,14 @@ class Mapper(nn.Module):
         return self.net(features)  # (B, P, D)
 
 
-def build_mapper(config: ModelConfig, *, feature_dim: int, lm_dim: int) -> Mapper:
+def build_mapper(config: ModelConfig, *, feature_dim: int, lm_dim: int, prefix_length: int | None = None) -> Mapper:
+    """The configured mapper for one modality's features; prefix_length defaults to config.prefix_length."""
+    prefix_length = prefix_length or config.prefix_length
     if config.mapper == "mlp":
-        net = MLPMapper(feature_dim=feature_dim, lm_dim=lm_dim, prefix_length=config.prefix_length,
+        net = MLPMapper(feature_dim=feature_dim, lm_dim=lm_dim, prefix_length=prefix_length,
                         hidden=config.mlp_hidden)
     else:
-        net = TransformerMapper(feature_dim=feature_dim, lm_dim=lm_dim, prefix_length=config.prefix_length,
+        net = TransformerMapper(feature_dim=feature_dim, lm_dim=lm_dim, prefix_length=prefix_length,
                                 clip_length=config.clip_length, num_layers=config.mapper_layers,
                                 num_heads=config.mapper_heads)
     return Mapper(net=net, feature_norm=FeatureNorm(feature_dim) if config.standardize_features else None)

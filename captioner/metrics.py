@@ -1,5 +1,6 @@
 """Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, optional SPICE), computed as the COCO
-caption evaluation (pycocoevalcap's `COCOEvalCap`) computes them.
+caption evaluation (pycocoevalcap's `COCOEvalCap`) computes them; SPIDEr ((CIDEr + SPICE) / 2, the
+audio-captioning headline) whenever both are computed.
 
 `score_captions` is the entry point; `evaluate` returns only the corpus numbers. Inputs are plain
 dicts keyed by image id (any hashable): one predicted caption per id and one or more reference
@@ -54,6 +55,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "score_captions",
     "evaluate",
+    "headline",
     "java_available",
     "simple_tokenize",
 ]
@@ -428,16 +430,26 @@ def score_captions(
                     corpus["SPICE"] = score
                     for i in ids:
                         per_image[i]["SPICE"] = spice_per_image[i]
+        if "CIDEr" in corpus and "SPICE" in corpus:  # SPIDEr (audio captioning's headline): their mean
+            corpus["SPIDEr"] = (corpus["CIDEr"] + corpus["SPICE"]) / 2
+            for i in ids:
+                per_image[i]["SPIDEr"] = (per_image[i]["CIDEr"] + per_image[i]["SPICE"]) / 2
     finally:
         if meteor is not None:
             _close_meteor(meteor)
 
     for line in skipped:
         logger.warning("%s", line)
-    order = [key for name in METRICS for key in METRICS[name]]
+    order = [key for name in METRICS for key in METRICS[name]] + ["SPIDEr"]
     corpus = {k: corpus[k] for k in order if k in corpus}
     per_image = {i: {k: scores[k] for k in order if k in scores} for i, scores in per_image.items()}
     return CaptionScores(corpus=corpus, per_image=per_image, coco_exact=use_java, skipped=skipped)
+
+
+def headline(corpus: Mapping[str, float]) -> tuple[str, float]:
+    """The metric audio captioning reports: SPIDEr when SPICE was computed, else CIDEr."""
+    key = "SPIDEr" if "SPIDEr" in corpus else "CIDEr"
+    return key, corpus[key]
 
 
 def evaluate(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],

@@ -108,7 +108,7 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
             if good:
                 with torch.no_grad():
                     images = torch.stack([x for _, _, x in good]).to(captioner.device, non_blocking=True)
-                    captions = captioner.caption_features(captioner.model.encode_images(images), decode)
+                    captions = captioner.caption_features({"image": captioner.model.encode_images(images)}, decode)
                 for (k, s, _), caps in zip(good, captions):
                     writer.add(k, caps, source=s)
                 captioned += len(good)

@@ -1,5 +1,5 @@
 """Tiny offline parts: a small open_clip ResNet tower, a small GPT-2 and a byte-level BPE tokenizer
-trained on the fly. Used by the offline demo and the tests; nothing here touches the network.
+trained on the fly (the tiny CLAP / Whisper audio configs are in audio.py). Used by the offline demo and the tests; nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -37,8 +37,13 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 400):
 
 
 def tiny_config(tokenizer, **overrides) -> ModelConfig:
-    """ModelConfig of a tiny captioner (random CLIP tower, GPT-2 from scratch, fine-tuned)."""
+    """ModelConfig of a tiny captioner (random CLIP tower, GPT-2 from scratch, fine-tuned); with
+    modalities including "audio", a random tiny CLAP audio encoder (16 kHz, 2 s windows)."""
+    from .audio import tiny_clap_config
+
     kw = dict(clip_config=TINY_CLIP, clip_pretrained=None, lm_config=tiny_gpt2(len(tokenizer)),
               finetune_lm=True, prefix_length=4, mapper_layers=2, mapper_heads=4, clip_length=4)
+    if "audio" in overrides.get("modalities", ()) and "audio_config" not in overrides:
+        kw["audio_config"] = tiny_clap_config()
     kw.update(overrides)
     return ModelConfig(**kw)

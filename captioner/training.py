@@ -1,7 +1,9 @@
-"""The one training loop (accelerate): cached image features -> mapper (+ LM) -> caption loss.
+"""The one training loop (accelerate): cached image/audio features -> mappers (+ LM) -> caption loss.
 
-The image encoder is frozen, so each unique image is encoded once before training (optionally into a
-persistent feature cache, see features.py), never once per caption. Batches are length-bucketed and
+The encoders are frozen, so each unique image and sound is encoded once before training (optionally
+into a persistent feature cache, see features.py), never once per caption. Items may have an image, a
+sound or both; with `modality_dropout` a two-input item sometimes loses one of them for a step, so a
+model trained on pairs also captions either input alone. Batches are length-bucketed and
 sharded across processes by `CaptionBatchSampler`, which gives every process the same number of
 batches and every (image, caption) pair to exactly one process once per epoch. The run directory
 holds the resolved config, the command line, `metrics.jsonl` (and TensorBoard logs when installed),
@@ -50,6 +52,13 @@ class TrainConfig:
                            default="runs/captioner")
     image_column: str | None = _doc("Image column of a table or Hugging Face dataset (default: auto-detect).",
                                     default=None)
+    audio_column: str | None = _doc("Audio column of a table (default: auto-detect 'audio' or 'audio_file').",
+                                    default=None)
+    audio_root: str | None = _doc("Folder audio files are in (Clotho/AudioCaps CSVs; default: the CSV's "
+                                  "folder).", default=None)
+    modality_dropout: float = _doc("Probability that an item with both image and audio loses one of them "
+                                   "(chosen evenly) in a training step, so the model also captions either "
+                                   "alone; 0 disables.", default=0.3)
     caption_column: str | None = _doc("Caption column of a table or Hugging Face dataset (default: auto-detect).",
                                       default=None)
     train_split: str = _doc("Split used for training (Karpathy: train, restval, train+restval).", default="train")
@@ -88,6 +97,8 @@ class TrainConfig:
             raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:
             raise ConfigError("epochs, batch_size and grad_accum_steps must be >= 1")
+        if not 0.0 <= self.modality_dropout <= 1.0:
+            raise ConfigError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -161,8 +172,20 @@ class _Pairs(torch.utils.data.Dataset):
         return self.rows[i], self.ids[i]
 
 
+@dataclass
+class ItemFeatures:
+    """Features of a caption set's items: {modality: (N, F_m)}, rows without that input are zeros and
+    marked False in present {modality: (N,) bool}."""
+
+    features: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+
+    def rows(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return ({m: f[index] for m, f in self.features.items()}, {m: p[index] for m, p in self.present.items()})
+
+
 class _Collate:
-    def __init__(self, features: torch.Tensor, pad: int):
+    def __init__(self, features: ItemFeatures, pad: int):
         self.features, self.pad = features, pad
 
     def __call__(self, items):
@@ -172,7 +195,36 @@ class _Collate:
         for i, (_, row) in enumerate(items):
             ids[i, :len(row)] = torch.tensor(row)
             mask[i, :len(row)] = 1
-        return self.features[torch.tensor([r for r, _ in items])], ids, mask  # (B, F), (B, T), (B, T)
+        feats, present = self.features.rows(torch.tensor([r for r, _ in items]))  # {m: (B, F_m)}, {m: (B,)}
+        return feats, present, ids, mask  # ..., (B, T), (B, T)
+
+
+def drop_modalities(present: dict[str, torch.Tensor], p: float, generator: torch.Generator
+                    ) -> dict[str, torch.Tensor]:
+    """Modality dropout: each row holding two or more inputs loses one of them (chosen evenly) with
+    probability p; a row never loses its last input."""
+    if p <= 0 or len(present) < 2:
+        return present
+    kinds = list(present)
+    held = torch.stack([present[m] for m in kinds], dim=1)  # (B, M)
+    eligible = held.sum(1) >= 2
+    drop = (torch.rand(held.shape[0], generator=generator) < p) & eligible  # (B,)
+    # Which input to drop: uniform among the held ones (random scores, held only, argmax).
+    which = torch.where(held, torch.rand(held.shape, generator=generator), -1.0).argmax(1)  # (B,)
+    lose = torch.nn.functional.one_hot(which, len(kinds)).bool() & drop[:, None]
+    return {m: held[:, j] & ~lose[:, j] for j, m in enumerate(kinds)}
+
+
+def usable_examples(examples: list[CaptionExample], modalities: list[str], source: str) -> list[CaptionExample]:
+    """The examples with at least one input the model takes; the others are counted and skipped."""
+    kept = [ex for ex in examples if any(m in ex.inputs for m in modalities)]
+    if len(kept) < len(examples):
+        logger.warning("%s: %d of %d items have no %s input and are skipped", source, len(examples) - len(kept),
+                       len(examples), " or ".join(modalities))
+    if not kept:
+        raise ConfigError(f"{source}: no item has a {' or '.join(modalities)} input (the model's modalities); "
+                          "set --modalities to the inputs the caption set has")
+    return kept
 
 
 def tokenize_pairs(tokenizer, examples: list[CaptionExample], *, max_tokens: int, prompt: str
@@ -195,21 +247,45 @@ def make_loader(features, rows, ids, tokenizer, sampler) -> torch.utils.data.Dat
 
 
 def encode_examples(captioner: Captioner, examples: list[CaptionExample], config: TrainConfig, *,
-                    desc: str) -> torch.Tensor:
-    """Image features (N, F) for the examples: from the feature cache, or encoded into memory."""
-    if config.feature_cache:
-        from .features import FeatureCache, encoder_key
+                    desc: str) -> ItemFeatures:
+    """Features of every input the examples have and the model takes: from the feature cache, or
+    encoded into memory."""
+    model = captioner.model
+    features, present = {}, {}
+    for m in model.modalities:
+        rows = [i for i, ex in enumerate(examples) if m in ex.inputs]
+        present[m] = torch.zeros(len(examples), dtype=torch.bool)
+        present[m][rows] = True
+        enc = model.encoders[m]
+        features[m] = torch.zeros(len(examples), enc.output_dim)
+        if rows:
+            paths = [examples[i].inputs[m] for i in rows]
+            features[m][rows] = _encode_paths(captioner, m, paths, config, desc=f"{desc} ({m})")
+    return ItemFeatures(features, present)
 
-        enc = captioner.model.image_encoder
-        cache = FeatureCache(config.feature_cache, encoder_key(captioner.config, enc.preprocess), enc.output_dim)
-        return cache.get([ex.image for ex in examples], captioner.model.encode_images, enc.preprocess,
-                         batch_size=config.encode_batch_size, num_workers=config.num_workers,
-                         device=captioner.device, desc=desc)
+
+def _encode_paths(captioner: Captioner, modality: str, paths: list[str], config: TrainConfig, *, desc: str
+                  ) -> torch.Tensor:
+    """Features (N, F) of image or audio files."""
+    enc = captioner.model.encoders[modality]
+    if config.feature_cache:
+        from .features import FeatureCache, audio_encoder_key, encoder_key
+
+        if modality == "image":
+            key, encode, preprocess, load = (encoder_key(captioner.config, enc.preprocess), captioner.model.encode_images,
+                                             enc.preprocess, None)
+        else:
+            load = enc.loader()
+            key, encode, preprocess = audio_encoder_key(captioner.config, load.preprocess.feature_extractor), enc, None
+        cache = FeatureCache(config.feature_cache, key, enc.output_dim)
+        return cache.get(paths, encode, preprocess, load=load, batch_size=config.encode_batch_size,
+                         num_workers=config.num_workers, device=captioner.device, desc=desc)
     feats = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(examples), config.encode_batch_size), desc=desc, unit="batch", leave=False):
-            batch = [load_image(ex.image) for ex in examples[start:start + config.encode_batch_size]]
-            feats.append(captioner.encode(batch).cpu())
+        for start in tqdm(range(0, len(paths), config.encode_batch_size), desc=desc, unit="batch", leave=False):
+            chunk = paths[start:start + config.encode_batch_size]
+            feats.append((captioner.encode([load_image(p) for p in chunk]) if modality == "image"
+                          else captioner.encode_audio(chunk)).cpu())
     return torch.cat(feats)
 
 
@@ -221,16 +297,21 @@ def evaluate_loss(model, loader, accelerator) -> float:
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
     with torch.no_grad():
-        for features, ids, mask in loader:
-            features, ids, mask = (t.to(accelerator.device) for t in (features, ids, mask))
+        for features, present, ids, mask in loader:
+            features, present = _to(features, accelerator.device), _to(present, accelerator.device)
+            ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
             n = mask.sum()
-            total += torch.stack([model(features, ids, mask).loss.float() * n, n.float()])
+            total += torch.stack([model(features, ids, mask, present).loss.float() * n, n.float()])
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1].clamp_min(1)).item()
 
 
-def caption_metrics(captioner: Captioner, features, examples, *, limit: int) -> dict[str, float]:
+def _to(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+
+
+def caption_metrics(captioner: Captioner, features: ItemFeatures, examples, *, limit: int) -> dict[str, float]:
     """Greedy captions for the first `limit` examples scored with BLEU-4 and CIDEr (pure-Python
     tokenisation: fast, for monitoring; `captioner eval` gives the COCO-exact numbers)."""
     from .metrics import score_captions
@@ -238,8 +319,9 @@ def caption_metrics(captioner: Captioner, features, examples, *, limit: int) -> 
     n = min(limit, len(examples))
     preds = []
     for start in range(0, n, 64):
-        preds += [c[0] for c in captioner.caption_features(features[start:min(n, start + 64)],
-                                                           DecodeConfig(strategy="greedy", max_new_tokens=30))]
+        feats, present = features.rows(torch.arange(start, min(n, start + 64)))
+        preds += [c[0] for c in captioner.caption_rows(feats, present, DecodeConfig(strategy="greedy",
+                                                                                     max_new_tokens=30))]
     scores = score_captions({ex.image_id: p for ex, p in zip(examples, preds)},
                             {ex.image_id: ex.captions for ex in examples[:n]}, metrics=("BLEU", "CIDEr"),
                             use_java=False)
@@ -323,12 +405,14 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
             f.write(" ".join(argv if argv is not None else sys.argv) + "\n")
 
     def read(split):
-        return load_caption_set(config.data, split, strict=config.strict, image_root=config.image_root,
-                                image_column=config.image_column, caption_column=config.caption_column)[0]
+        examples = load_caption_set(config.data, split, strict=config.strict, image_root=config.image_root,
+                                    image_column=config.image_column, caption_column=config.caption_column,
+                                    audio_root=config.audio_root, audio_column=config.audio_column)[0]
+        return usable_examples(examples, config.model.modalities, f"{config.data} ({split})")
 
     train_ex = read(config.train_split)
     val_ex = read(config.val_split) if config.val_split else []
-    if val_ex and {ex.image for ex in val_ex} == {ex.image for ex in train_ex}:
+    if val_ex and {tuple(ex.inputs.items()) for ex in val_ex} == {tuple(ex.inputs.items()) for ex in train_ex}:
         logger.warning("%s has no separate %r split (COCO files and tables are one split each): validation "
                        "would repeat the training images, so it is skipped; pass --val-split none to silence this",
                        config.data, config.val_split)
@@ -336,10 +420,10 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
     captioner = Captioner.from_config(config.model, tokenizer=tokenizer, device=accelerator.device)
     tok = captioner.tokenizer
     rows, ids = tokenize_pairs(tok, train_ex, max_tokens=config.max_caption_tokens, prompt=config.model.prompt)
-    logger.info("training on %d images (%d captions), validating on %d images", len(train_ex), len(rows), len(val_ex))
+    logger.info("training on %d items (%d captions), validating on %d items", len(train_ex), len(rows), len(val_ex))
     with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
-        train_feats = encode_examples(captioner, train_ex, config, desc="encoding train images")
-        val_feats = encode_examples(captioner, val_ex, config, desc="encoding val images") if val_ex else None
+        train_feats = encode_examples(captioner, train_ex, config, desc="encoding train")
+        val_feats = encode_examples(captioner, val_ex, config, desc="encoding val") if val_ex else None
 
     world, rank = accelerator.num_processes, accelerator.process_index
     sampler = CaptionBatchSampler([len(x) for x in ids], batch_size=config.batch_size, seed=config.seed,
@@ -353,8 +437,9 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
         val_loader = make_loader(val_feats, vrows, vids, tok, vsampler)
 
     model = captioner.model
-    if model.mapper.feature_norm is not None and not resuming:
-        model.mapper.feature_norm.fit(train_feats)  # on resume the statistics come back with the state
+    for m, mapper in model.mappers.items():
+        if mapper.feature_norm is not None and not resuming:  # on resume the statistics come back with the state
+            mapper.feature_norm.fit(train_feats.features[m][train_feats.present[m]])
     params = [p for p in model.parameters() if p.requires_grad]
     if main_proc:
         logger.info("trainable parameters: %s; %d processes x %d batches per epoch", f"{sum(p.numel() for p in params):,}",
@@ -388,12 +473,16 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
         n_batches = start + len(sampler)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not main_proc)
         t0, seen, loss, done_batches = time.perf_counter(), 0, None, start
-        for i, (features, ids_b, mask) in enumerate(bar, start=start):
-            features, ids_b, mask = (t.to(accelerator.device, non_blocking=True) for t in (features, ids_b, mask))
+        for i, (features, present, ids_b, mask) in enumerate(bar, start=start):
+            # Seeded by position, not by a running RNG, so a resumed run drops the same inputs.
+            present = drop_modalities(present, config.modality_dropout,
+                                      torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 100_003 + i))
+            features, present = _to(features, accelerator.device), _to(present, accelerator.device)
+            ids_b, mask = ids_b.to(accelerator.device, non_blocking=True), mask.to(accelerator.device, non_blocking=True)
             # Gradients are synchronised across processes only on the pass that ends an optimiser step.
             last_micro = (i + 1) % config.grad_accum_steps == 0 or i + 1 == n_batches
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                loss = model(features, ids_b, mask).loss
+                loss = model(features, ids_b, mask, present).loss
                 accelerator.backward(loss / config.grad_accum_steps)
             seen += ids_b.shape[0] * world
             if not last_micro:

@@ -80,7 +80,7 @@ def timed(fn, device) -> float:
 def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, device: str, ref_images: int) -> dict:
     eos = cap.tokenizer.eos_token_id
     dim = cap.model.image_encoder.output_dim
-    dtype = next(cap.model.mapper.parameters()).dtype
+    dtype = next(cap.model.mappers["image"].parameters()).dtype
     feats = torch.randn(max(batch, ref_images), dim, device=device, dtype=dtype)[:batch if system != "ref" else None]
     beams = 5 if strategy == "beam" else 1
     if system == "ours":
@@ -92,7 +92,7 @@ def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, devi
         n = batch
     elif system == "hf":
         with torch.no_grad():
-            embeds = cap.model.prefix_embeds(feats)
+            embeds, _ = cap.model.prefix_embeds(feats)
 
         def run():
             with torch.no_grad():
@@ -104,7 +104,7 @@ def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, devi
     else:  # the reference: one image at a time
         n = ref_images
         with torch.no_grad():
-            embeds = cap.model.prefix_embeds(feats[:n])
+            embeds, _ = cap.model.prefix_embeds(feats[:n])
         decode = reference_decoder.beam if strategy == "beam" else reference_decoder.greedy
 
         def run():

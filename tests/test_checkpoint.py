@@ -18,7 +18,7 @@ from conftest import CAPTIONS
                                        dict(mapper="transformer", finetune_lm=False)])
 def test_round_trip_identical_logits_and_captions(make_captioner, tmp_path, overrides):
     cap = make_captioner(**overrides)
-    cap.model.mapper.feature_norm.fit(torch.randn(20, cap.model.image_encoder.output_dim))
+    cap.model.mappers["image"].feature_norm.fit(torch.randn(20, cap.model.image_encoder.output_dim))
     cap.save_pretrained(tmp_path / "m")
     assert {p.name for p in (tmp_path / "m").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
     back = Captioner.from_pretrained(tmp_path / "m", device="cpu")
@@ -39,17 +39,21 @@ def test_round_trip_identical_logits_and_captions(make_captioner, tmp_path, over
 
 
 def test_saved_parts_follow_what_can_be_refetched():
-    assert saved_parts(ModelConfig()) == ("mapper",)  # CLIP by tag, frozen gpt2 by name
-    assert saved_parts(ModelConfig(finetune_lm=True)) == ("mapper", "lm")
+    assert saved_parts(ModelConfig()) == ("mappers", "modality_embed")  # CLIP by tag, frozen gpt2 by name
+    assert saved_parts(ModelConfig(finetune_lm=True)) == ("mappers", "modality_embed", "lm")
     assert saved_parts(ModelConfig(clip_pretrained=None, lm_config={"model_type": "gpt2"})) == (
-        "mapper", "image_encoder", "lm")
+        "mappers", "modality_embed", "encoders.image", "lm")
+    # audio: a hub-named encoder is re-fetched, an inline (random) one is saved
+    assert "encoders.audio" not in saved_parts(ModelConfig(modalities=["image", "audio"]))
+    assert saved_parts(ModelConfig(modalities=["audio"], audio_config={"projection_dim": 8})) == (
+        "mappers", "modality_embed", "encoders.audio")
 
 
 def test_frozen_named_lm_is_not_saved(make_captioner, tmp_path):
     cap = make_captioner(finetune_lm=False)
     cap.save_pretrained(tmp_path / "m")
     keys = load_file(str(tmp_path / "m" / "model.safetensors")).keys()
-    assert any(k.startswith("mapper.") for k in keys)
+    assert any(k.startswith("mappers.image.") for k in keys)
     # tiny LM from an inline config is not re-fetchable, so it is saved; tied lm_head stored once
     assert "lm.transformer.wte.weight" in keys and "lm.lm_head.weight" not in keys
 
@@ -64,9 +68,9 @@ def _saved(make_captioner, tmp_path):
 def test_missing_and_unexpected_tensors_are_errors(make_captioner, tmp_path):
     d = _saved(make_captioner, tmp_path)
     state = load_file(str(d / "model.safetensors"))
-    removed = sorted(k for k in state if k.startswith("mapper."))[0]
+    removed = sorted(k for k in state if k.startswith("mappers.image."))[0]
     del state[removed]
-    state["mapper.extra.weight"] = torch.zeros(2)
+    state["mappers.image.extra.weight"] = torch.zeros(2)
     save_file(state, str(d / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing:.*" + removed.replace(".", r"\.") + ".*unexpected:.*extra"):
         Captioner.from_pretrained(d)

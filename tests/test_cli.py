@@ -220,7 +220,7 @@ def test_decoding_matches_transformers_generate(trained, shapes_data, strategy):
     test_ex, _ = read_imagefolder(shapes_data, "test")
     from captioner.data import load_image
     with torch.no_grad():
-        embeds = cap.model.prefix_embeds(cap.encode([load_image(ex.image) for ex in test_ex[:16]]))
+        embeds = cap.model.prefix_embeds(cap.encode([load_image(ex.image) for ex in test_ex[:16]]))[0]
         eos = cap.tokenizer.eos_token_id
         ours = generate(LMStepper(cap.model.lm), embeds, DecodeConfig(strategy=strategy, num_beams=3,
                                                                       max_new_tokens=20), eos_id=eos, pad_id=eos)

@@ -182,7 +182,7 @@ def test_kv_cache_equals_recompute(tiny, strategy):
     cap, feats = tiny
     cfg = dict(strategy=strategy, num_beams=3, num_captions=2 if strategy != "greedy" else 1, max_new_tokens=8,
                seed=0, top_p=0.95)
-    embeds = cap.model.prefix_embeds(feats).detach()
+    embeds = cap.model.prefix_embeds(feats)[0].detach()
     with torch.no_grad():
         cached = generate(LMStepper(cap.model.lm, use_cache=True), embeds, DecodeConfig(**cfg), eos_id=0, pad_id=0)
         full = generate(LMStepper(cap.model.lm, use_cache=False), embeds, DecodeConfig(**cfg), eos_id=0, pad_id=0)

@@ -26,7 +26,7 @@ def test_shapes_and_feature_dim_read_from_encoder(make_captioner, mapper):
     assert feats.shape == (2, TINY_CLIP["embed_dim"])
     prompt_len = len(cap.tokenizer("a photo of", add_special_tokens=False)["input_ids"])
     assert cap.model.prefix_tokens == 4 + prompt_len
-    prefix = cap.model.prefix_embeds(feats)
+    prefix = cap.model.prefix_embeds(feats)[0]
     assert prefix.shape == (2, 4 + prompt_len, cap.model.lm.config.n_embd)
     f, ids, mask = batch(cap, CAPTIONS[:2], prompt="a photo of")
     out = cap.model(f, ids, mask)
@@ -70,12 +70,12 @@ def test_frozen_lm_only_mapper_gets_gradients(make_captioner):
     feats, ids, mask = batch(cap)
     cap.model.train()
     cap.model(feats, ids, mask).loss.backward()
-    assert all(g is not None and g.abs().sum() > 0 for g in _grads(cap.model.mapper.net))
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(cap.model.mappers["image"].net))
     assert all(g is None for g in _grads(cap.model.lm))
     assert all(g is None for g in _grads(cap.model.image_encoder))
     assert not cap.model.lm.training  # frozen LM stays in eval mode (no dropout)
     trainable = {n.split(".")[0] for n, p in cap.model.named_parameters() if p.requires_grad}
-    assert trainable == {"mapper"}
+    assert trainable == {"mappers"}
 
 
 def test_finetuned_lm_gets_gradients(make_captioner):
@@ -102,7 +102,7 @@ def test_eos_is_learned(make_captioner):
     from captioner.config import DecodeConfig
     cap.model.eval()
     with torch.no_grad():
-        out = generate(LMStepper(cap.model.lm), cap.model.prefix_embeds(feats),
+        out = generate(LMStepper(cap.model.lm), cap.model.prefix_embeds(feats)[0],
                        DecodeConfig(strategy="greedy", max_new_tokens=25), eos_id=cap.tokenizer.eos_token_id,
                        pad_id=cap.tokenizer.eos_token_id)
     tokens = out.tokens[0, 0].tolist()
@@ -114,7 +114,7 @@ def test_eos_is_learned(make_captioner):
 def test_feature_norm_fit_standardises(make_captioner):
     cap = make_captioner()
     feats = torch.randn(50, cap.model.image_encoder.output_dim) * 0.001 + 5
-    cap.model.mapper.feature_norm.fit(feats)
-    z = cap.model.mapper.feature_norm(feats)
+    cap.model.mappers["image"].feature_norm.fit(feats)
+    z = cap.model.mappers["image"].feature_norm(feats)
     torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-3, rtol=0)
     torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(z.shape[1]), atol=1e-2, rtol=0)
