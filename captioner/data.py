@@ -430,12 +430,9 @@ def _read_table(path: Path, *, image_columns: Sequence[str], caption_columns: Se
     for where, row, image_key, audio_key, caption_key in _table_rows(path, raw, fmt, image_columns, audio_columns,
                                                                      caption_columns, bad):
         cells = _row_inputs(row, image_key, audio_key)
-        if not cells:
-            needs = f"an image field ({' or '.join(map(repr, image_columns))})"
-            if audio_columns:
-                needs = f"a non-empty image field ({' or '.join(map(repr, image_columns))}) or audio field " \
-                        f"({' or '.join(map(repr, audio_columns))})"
-            bad(where, f"row needs {needs}")
+        if not cells:  # (an empty cell counts as no field where audio may stand in for the image)
+            audio = f" or an audio field ({' or '.join(map(repr, audio_columns))})" if audio_columns else ""
+            bad(where, f"row needs an image field ({' or '.join(map(repr, image_columns))}){audio}")
             continue
         if caption_key is None:
             bad(where, f"row needs a caption field ({' or '.join(map(repr, caption_columns))})")

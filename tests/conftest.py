@@ -35,3 +35,18 @@ def shapes_data(tmp_path_factory):
     from captioner.shapes import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=360, n_val=30, n_test=60, seed=1)
+
+
+def tiny_train_argv(data, root, examples, *, epochs: int, batch_size: int, extra=()) -> list[str]:
+    """argv of `captioner train` for a tiny captioner on `data`, with a tokenizer trained on the
+    examples' captions and saved under root; lr 2e-3, fine-tuned tiny GPT-2, prefix 4."""
+    import json
+
+    from captioner.tiny import TINY_CLIP, tiny_gpt2, train_tokenizer
+
+    tok = train_tokenizer([c for ex in examples for c in ex.captions])
+    tok.save_pretrained(root / "tokenizer")
+    return ["train", "--data", str(data), "--output-dir", str(root / "run"), "--epochs", str(epochs),
+            "--batch-size", str(batch_size), "--lr", "2e-3", "--clip-config", json.dumps(TINY_CLIP),
+            "--clip-pretrained", "none", "--lm-config", json.dumps(tiny_gpt2(len(tok))),
+            "--tokenizer", str(root / "tokenizer"), "--finetune-lm", "--prefix-length", "4", *extra]

@@ -10,7 +10,8 @@ from captioner.cli import main
 from captioner.data import read_imagefolder
 from captioner.demo import most_frequent_caption
 from captioner.metrics import score_captions
-from captioner.tiny import TINY_CLIP, tiny_gpt2, train_tokenizer
+from captioner.tiny import TINY_CLIP
+from conftest import tiny_train_argv
 
 # Learning-test bar: a model that ignores the image cannot beat the most-frequent-caption baseline
 # (1.37 CIDEr on this set); a model that reads colour, shape and position scores about 5.
@@ -23,13 +24,9 @@ def trained(shapes_data, tmp_path_factory):
     """Train through the CLI once for this module."""
     root = tmp_path_factory.mktemp("cli")
     train_ex, _ = read_imagefolder(shapes_data, "train")
-    tok = train_tokenizer([c for ex in train_ex for c in ex.captions])
-    tok.save_pretrained(root / "tokenizer")
-    argv = ["train", "--data", str(shapes_data), "--output-dir", str(root / "run"), "--epochs", "14",
-            "--batch-size", "64", "--lr", "2e-3", "--warmup-steps", "30", "--weight-decay", "0",
-            "--clip-config", json.dumps(TINY_CLIP), "--clip-pretrained", "none",
-            "--lm-config", json.dumps(tiny_gpt2(len(tok))), "--tokenizer", str(root / "tokenizer"),
-            "--finetune-lm", "--prefix-length", "4", "--val-images", "30", "--log-every", "5"]
+    argv = tiny_train_argv(shapes_data, root, train_ex, epochs=14, batch_size=64,
+                           extra=["--warmup-steps", "30", "--weight-decay", "0", "--val-images", "30",
+                                  "--log-every", "5"])
     assert main(argv) == 0
     return root / "run", train_ex
 
@@ -103,8 +100,8 @@ def test_hub_name_offline_is_one_clear_line(trained, shapes_data, tmp_path, caps
 def test_usage_errors(tmp_path, capsys):
     assert main(["caption", "x.png", "--model", str(tmp_path)]) == 2
     assert "config.json: missing" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["caption", "--model", str(tmp_path)])  # no images: argparse error
+    assert main(["caption", "--model", str(tmp_path)]) == 2  # no images and no --audio
+    assert "give images (files, folders, globs) and/or --audio files" in capsys.readouterr().err
     assert main(["train", "--epochs", "1"]) == 2
     assert "--data is required" in capsys.readouterr().err
 
@@ -116,7 +113,8 @@ def test_help_explains_every_command(capsys):
         assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--num-beams", "--length-penalty", "--top-p", "--max-new-tokens", "--prefix-length",
-                 "--finetune-lm", "--mapper", "--clip-pretrained", "--prompt", "--output"):
+                 "--finetune-lm", "--mapper", "--clip-pretrained", "--prompt", "--output", "--audio",
+                 "--modalities", "--modality-dropout", "--audio-encoder", "--audio-model", "--audio-root"):
         assert flag in text
 
 

@@ -156,4 +156,4 @@ def test_batch_with_many_kinds_of_bad_images(setup, tmp_path, capsys):
             reason = "folder holds no images"
         assert errors[str(path)].startswith(f"{path}: {reason}"), (errors[str(path)], reason)
     err = capsys.readouterr().err
-    assert f"{len(bad)} input(s) failed" in err and f"captioned {len(good)} image(s)" in err
+    assert f"{len(bad)} input(s) failed" in err and f"captioned {len(good)} input(s)" in err
