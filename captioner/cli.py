@@ -125,9 +125,19 @@ def cmd_caption(args) -> int:
         if args.audio:
             raise CLIError("sharded captioning (--output-dir) reads images only; caption audio with --output")
         return _caption_sharded(args, decode)
-    if not args.images and not args.audio:
+    if args.table:
+        if args.images or args.audio:
+            raise CLIError("give inputs either as a --table or as images/--audio, not both")
+        from .data import read_input_table
+
+        items, failures = read_input_table(args.table)
+        args.images = [it["image"] for it in items if "image" in it]
+        args.audio = [it["audio"] for it in items if "audio" in it]
+        keys = [it.get("image", it.get("audio")) for it in items]
+    elif not args.images and not args.audio:
         raise CLIError("give images (files, folders, globs) and/or --audio files")
-    items, keys, failures = _caption_inputs(args.images, args.audio)
+    else:
+        items, keys, failures = _caption_inputs(args.images, args.audio)
     if args.resume and not args.output:
         raise CLIError("--resume needs --output (the file to continue)")
     id_field = "image" if args.images else "audio"
@@ -149,14 +159,14 @@ def cmd_caption(args) -> int:
                                           max_pixels=args.max_pixels or None)
         for i, (item, captions, error) in enumerate(results, start=1):
             bar.update(1)
-            key = item[id_field]
+            key = item.get(id_field) or item["audio"]  # a table may mix items with and without an image
             if error:
                 failures.append(error)
                 if errors:
                     errors.add(key, error)
             elif writer:
                 writer.add(key, captions, **({"audio": item["audio"]} if id_field == "image" and "audio" in item
-                                             else {}))
+                                             else {}))  # the id is the image path, else the audio path
                 done += 1
             else:
                 for c in captions:
@@ -427,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", nargs="+", metavar="AUDIO",
                    help="sound files (wav, flac, ogg, mp3, ...), folders or globs, for a captioner trained with "
                         "audio; with images too, the i-th sound goes with the i-th image")
+    p.add_argument("--table", help="a CSV/TSV/JSONL table of inputs: an image column (image or file_name), an "
+                                   "audio column (audio or audio_file), or both; paths relative to the table")
     p.add_argument("--output", "-o", help="write results to this file (.jsonl or .csv) instead of stdout")
     p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: from the file extension)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the results already "

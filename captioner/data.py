@@ -1218,3 +1218,39 @@ def match_prediction_ids(predictions: dict[str, str], references: dict[str, list
     if missing:
         raise DataError(f"{source}: {len(missing)} reference image(s) have no prediction: {show(missing)}")
     return out
+
+
+INPUT_COLUMNS = {"image": ("image", "file_name"), "audio": ("audio", "audio_file")}
+
+
+def read_input_table(path: str | Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Inputs to caption from a CSV/TSV/JSONL table with an image column ('image' or 'file_name'), an
+    audio column ('audio' or 'audio_file'), or both; relative paths start at the table's folder, empty
+    cells mean the row lacks that input. Returns ({"image": path, "audio": path} per row, problems as
+    "FILE:LINE: reason" for rows with no input)."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    report = ReadReport(source=str(path))
+    bad = _reporter(report, strict=False)
+    fmt = _table_format(path, raw)
+    if fmt == "jsonl":
+        rows = ((f"{path}:{n}", row) for n, row in _jsonl_rows(path, raw, bad))
+    else:
+        records = _csv_records(path, raw, "\t" if fmt == "tsv" else ",", bad)
+        first = next(records, None)
+        if first is None:
+            raise DataError(f"{path}: empty file (an input table needs a header row)")
+        header = [h.strip() for h in first[1]]
+        rows = ((f"{path}:{n}", dict(zip(header, rec))) for n, rec in records)
+    items = []
+    for where, row in rows:
+        item = {}
+        for modality, names in INPUT_COLUMNS.items():
+            value = next((row[c] for c in names if isinstance(row.get(c), str) and row[c].strip()), None)
+            if value is not None:
+                item[modality] = str(path.parent / value.strip())
+        if item:
+            items.append(item)
+        else:
+            bad(where, f"row has no input (columns: {', '.join(n for ns in INPUT_COLUMNS.values() for n in ns)})")
+    return items, report.problems

@@ -90,3 +90,18 @@ def test_image_model_refuses_audio(trained_image_model, scenes, capsys):
 def trained_image_model(make_captioner, tmp_path):
     cap = make_captioner()
     return cap.save_pretrained(tmp_path / "image_model")
+
+
+def test_caption_from_an_input_table(run, scenes, tmp_path):
+    root, _ = run
+    test = Path(scenes) / "test"
+    table = test / "inputs.csv"
+    table.write_text("image,audio,note\n00000.png,00000.wav,a\n,00001.wav,b\n00002.png,,c\n,,d\n")
+    out = tmp_path / "t.jsonl"
+    assert main(["caption", "--model", str(root / "run" / "best"), "--table", str(table), "-o", str(out),
+                 "--strategy", "greedy"]) == 1  # the empty row is a failure, the rest are captioned
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(Path(r["image"]).name, Path(r["audio"]).name if "audio" in r else None) for r in rows] == [
+        ("00000.png", "00000.wav"), ("00001.wav", "00001.wav"), ("00002.png", None)]
+    errors = (tmp_path / "t.jsonl.errors.jsonl").read_text()
+    assert "inputs.csv:5: row has no input" in errors

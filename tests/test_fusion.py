@@ -143,3 +143,19 @@ def test_save_load_round_trip_with_audio(both, files, tmp_path):
     ref = both.model.state_dict()
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, ref[k]), k  # the random tiny CLAP tower was saved, not re-initialised
+
+
+def test_whisper_audio_captioner_round_trip(make_captioner, files, tmp_path):
+    from captioner.audio import tiny_whisper_config
+
+    cap = make_captioner(modalities=["audio"], audio_encoder="whisper", audio_config=tiny_whisper_config(),
+                         whisper_pool=2)
+    enc = cap.model.encoders["audio"]
+    assert enc.kind == "whisper" and enc.output_dim == 2 * 32  # two pooled time segments of d_model 32
+    low, high = files[0][1], files[1][1]
+    f = cap.encode_audio([low, high])
+    assert f.shape == (2, 64) and not torch.allclose(f[0], f[1])
+    before = cap.caption(audio=[low, high], decode=GREEDY)
+    cap.save_pretrained(tmp_path / "w")
+    loaded = Captioner.from_pretrained(tmp_path / "w", device="cpu")
+    assert loaded.config.whisper_pool == 2 and loaded.caption(audio=[low, high], decode=GREEDY) == before
