@@ -150,13 +150,13 @@ def cmd_caption(args) -> int:
             errors.add(line.split(":", 1)[0], line)
     skipped = len([k for k in keys if writer and k in writer.done])
     todo = [it for it, k in zip(items, keys) if not (writer and k in writer.done)]
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     captioner.model.check_modalities([m for m, given in (("image", args.images), ("audio", args.audio)) if given])
     done = 0
     try:
         bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=len(todo) < 2 * args.batch_size)
         results = captioner.iter_captions(todo, decode=decode, batch_size=args.batch_size,
-                                          max_pixels=args.max_pixels or None)
+                                          max_pixels=args.max_pixels or None, num_workers=args.num_workers)
         for i, (item, captions, error) in enumerate(results, start=1):
             bar.update(1)
             key = item.get(id_field) or item["audio"]  # a table may mix items with and without an image
@@ -225,7 +225,7 @@ def _caption_sharded(args, decode) -> int:
     rank, world, local_rank = sharded.dist_env()
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     shards = expand_shards(args.images, files_per_shard=args.files_per_shard)
-    captioner = Captioner.from_pretrained(args.model, device=device)
+    captioner = Captioner.from_pretrained(args.model, device=device, dtype=args.dtype)
     t0 = time.perf_counter()
     results = sharded.run(captioner, shards, args.output_dir, decode=decode, batch_size=args.batch_size,
                           num_workers=args.num_workers, rank=rank, world=world, write_tars=args.write_shards,
@@ -308,7 +308,7 @@ def cmd_eval(args) -> int:
     from .report import write_report
 
     decode = config_from_args(DecodeConfig, args)
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     examples, _ = load_caption_set(args.data, args.split, strict=args.strict, image_root=args.image_root,
                                    image_column=args.image_column, caption_column=args.caption_column,
                                    audio_root=args.audio_root, audio_column=args.audio_column)
@@ -413,6 +413,8 @@ def add_captioning_flags(p: argparse.ArgumentParser, func) -> None:
     p.add_argument("--model", required=True, help="directory of a saved captioner (config.json + model.safetensors)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="precision of every part (default: float32; bfloat16 is much faster on recent GPUs)")
     add_dataclass_flags(p, DecodeConfig, title="decoding")
     p.set_defaults(func=func)
 
@@ -454,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "DIR/captions.jsonl; under torchrun/accelerate launch each process takes "
                                         "its share of the shards; rerunning continues where it stopped")
     g.add_argument("--files-per-shard", type=int, default=1000, help="loose image files per shard (default: 1000)")
-    g.add_argument("--num-workers", type=int, default=2, help="image decoding workers per process (default: 2)")
+    p.add_argument("--num-workers", type=int, default=2, help="file decoding workers per process, reading the next "
+                                                              "batches while the model captions this one (default: 2)")
     g.add_argument("--write-shards", choices=["txt", "json"], help="also write WebDataset tars with a caption "
                                                                   "member per key to DIR/wds")
     add_captioning_flags(p, cmd_caption)

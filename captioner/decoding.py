@@ -110,7 +110,8 @@ def _left_to_right(stepper, embeds, *, max_new_tokens, eos_id, pad_id, choose=No
         if t < min_new_tokens:
             logits = _no_eos(logits, eos_id)
         token = logits.argmax(-1) if choose is None else choose(logits)  # (B,)
-        logp = torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1)
+        # log p(token) = logit - logsumexp: no (B, V) log-softmax is materialised
+        logp = logits.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
         scores += torch.where(done, 0.0, logp)
         token = token.masked_fill(done, pad_id)
         out.append(token)
@@ -154,9 +155,7 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
     dev = logits.device
     rows = torch.arange(b, device=dev)
     state = stepper.select(state, rows.repeat_interleave(k))  # (B * K) rows
-    logp = torch.log_softmax(logits, dim=-1).repeat_interleave(k, dim=0)  # (B * K, V)
-    if min_new_tokens > 0:
-        logp = _no_eos(logp, eos_id)
+    logits = logits.repeat_interleave(k, dim=0)  # (B * K, V)
     beam_scores = torch.full((b, k), big, device=dev)
     beam_scores[:, 0] = 0.0  # all beams start identical: expand from the first one only
     seqs = torch.empty((b * k, 0), dtype=torch.long, device=dev)
@@ -164,6 +163,7 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
     fin_seqs = torch.full((b, k, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     rank = torch.arange(2 * k, device=dev)
+    n_cand = min(2 * k, k * v)
 
     def padded(s):  # (..., t) -> (..., max_new_tokens)
         return F.pad(s, (0, max_new_tokens - s.shape[-1]), value=pad_id)
@@ -177,9 +177,17 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
 
     for t in range(max_new_tokens):
         length = float(t + 1) ** length_penalty
-        cand = (beam_scores.view(-1, 1) + logp).view(b, k * v)
-        top_scores, top_idx = cand.topk(min(2 * k, k * v), dim=1)  # (B, 2K)
-        src_beam, token = top_idx // v, top_idx % v
+        # The 2K best continuations of an image are among the 2K best of each of its beams, and within a
+        # beam log p orders tokens as the logits do: take each beam's top 2K logits and normalise only
+        # those (logit - logsumexp), instead of a (B * K, V) log-softmax and a (B, K * V) top-k.
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B * K, 1), EOS mass included
+        if t < min_new_tokens:
+            logits = _no_eos(logits, eos_id)
+        row_top, row_tok = logits.topk(min(n_cand, v), dim=-1)  # (B * K, C)
+        cand = (beam_scores.view(-1, 1) + (row_top - lse)).view(b, -1)  # (B, K * C)
+        top_scores, top_idx = cand.topk(n_cand, dim=1)  # (B, 2K)
+        src_beam = top_idx // row_top.shape[1]
+        token = row_tok.view(b, -1).gather(1, top_idx)  # (B, 2K)
         src_rows = rows[:, None] * k + src_beam  # (B, 2K) row in the (B * K) batch
         cand_seqs = torch.cat([seqs[src_rows.view(-1)], token.view(-1, 1)], dim=1).view(b, -1, t + 1)
         is_eos = token == eos_id
@@ -194,9 +202,6 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
             break
         state = stepper.select(state, picked)
         logits, state = stepper.step(seqs[:, -1], state)
-        logp = torch.log_softmax(logits, dim=-1)
-        if t + 1 < min_new_tokens:
-            logp = _no_eos(logp, eos_id)
     # Images not done by the token limit keep their running beams as (unterminated) hypotheses.
     open_scores = torch.where(done[:, None], big, beam_scores / float(t + 1) ** length_penalty)
     merge(open_scores, padded(seqs.view(b, k, -1)))

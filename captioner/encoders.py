@@ -91,7 +91,8 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images).float()  # (B, D)
+        dtype = next(self.visual.parameters()).dtype  # bf16/fp16 towers take images in their own dtype
+        return self.visual(images.to(dtype)).float()  # (B, D)
 
 
 def _output_dim(visual: nn.Module, image_size) -> int:

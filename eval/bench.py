@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -58,10 +59,8 @@ def build(device: str, precision: str) -> Captioner:
     cfg = ModelConfig(clip_model="ViT-B-32", clip_pretrained=None, finetune_lm=True, mapper="mlp", prefix_length=10,
                       lm_config={"model_type": "gpt2", "vocab_size": VOCAB})  # GPT2Config defaults = 124M
     torch.manual_seed(0)
-    cap = Captioner.from_config(cfg, tokenizer=synthetic_tokenizer(), device=device)
-    if precision == "bf16":
-        cap.model.to(torch.bfloat16)
-    return cap
+    return Captioner.from_config(cfg, tokenizer=synthetic_tokenizer(), device=device,
+                                 dtype="bfloat16" if precision == "bf16" else None)  # the users' --dtype path
 
 
 def sync(device):
@@ -119,7 +118,8 @@ def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, devi
             "images_per_s": n / seconds, "peak_gpu_gib": peak}
 
 
-def bench_folder(cap: Captioner, work: Path, *, images: int, batch: int, device: str) -> dict:
+def bench_folder(cap: Captioner, work: Path, *, images: int, batch: int, device: str, precision: str,
+                 workers: int) -> dict:
     from PIL import Image
 
     from captioner.cli import main as cli
@@ -132,10 +132,12 @@ def bench_folder(cap: Captioner, work: Path, *, images: int, batch: int, device:
     cap.save_pretrained(work / "model")
     argv = ["caption", str(folder), "--model", str(work / "model"), "-o", str(work / "out.jsonl"), "--overwrite",
             "--batch-size", str(batch), "--strategy", "beam", "--num-beams", "5", "--max-new-tokens", str(STEPS),
-            "--min-new-tokens", str(STEPS), "--device", device]
+            "--min-new-tokens", str(STEPS), "--device", device, "--num-workers", str(workers),
+            "--dtype", "bfloat16" if precision == "bf16" else "float32"]
     seconds = timed(lambda: cli(argv), device)  # model loading included
     rows = sum(1 for _ in open(work / "out.jsonl"))
-    return {"images": rows, "seconds": seconds, "images_per_s": rows / seconds, "batch": batch}
+    return {"images": rows, "seconds": seconds, "images_per_s": rows / seconds, "batch": batch,
+            "precision": precision, "workers": workers}
 
 
 def main(argv=None) -> int:
@@ -148,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--hf-max-batch", type=int, default=256 if gpu else 32, help="largest batch run through HF")
     p.add_argument("--folder-images", type=int, default=4096 if gpu else 32)
     p.add_argument("--skip-folder", action="store_true")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="JPEG decoding workers of the end-to-end folder run")
     p.add_argument("--skip-train", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -167,10 +171,11 @@ def main(argv=None) -> int:
                     rows.append({**r, "precision": precision})
                     print(f"  {precision} {strategy} batch {batch} {system}: {r['images_per_s']:.2f} images/s",
                           file=sys.stderr)
-        if precision == args.precisions.split(",")[0] and not args.skip_folder:
+        if precision == args.precisions.split(",")[-1] and not args.skip_folder:  # the fastest precision
             with tempfile.TemporaryDirectory() as tmp:
                 folder = bench_folder(cap, Path(tmp), images=args.folder_images,
-                                      batch=max(map(int, args.batch_sizes.split(","))), device=device)
+                                      batch=max(map(int, args.batch_sizes.split(","))), device=device,
+                                      precision=precision, workers=args.workers)
         del cap
     if not args.skip_train:
         import bench_train
@@ -210,7 +215,8 @@ def main(argv=None) -> int:
               f"{vs_ref:>10}{vs_hf:>9}{peak:>10}")
     if folder:
         print(f"\nend to end: captioner caption over {folder['images']} JPEGs (256x256, beam 5, {STEPS} tokens, "
-              f"batch {folder['batch']}, model loading included): {folder['images_per_s']:.2f} images/s")
+              f"batch {folder['batch']}, {folder['precision']}, {folder['workers']} decoding workers, model loading "
+              f"included): {folder['images_per_s']:.2f} images/s")
     if train:
         for t in train:
             print(f"training: MLP mapper + fine-tuned GPT-2 124M, cached features, {t['precision']}: "

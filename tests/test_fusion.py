@@ -159,3 +159,23 @@ def test_whisper_audio_captioner_round_trip(make_captioner, files, tmp_path):
     cap.save_pretrained(tmp_path / "w")
     loaded = Captioner.from_pretrained(tmp_path / "w", device="cpu")
     assert loaded.config.whisper_pool == 2 and loaded.caption(audio=[low, high], decode=GREEDY) == before
+
+
+def test_iter_captions_with_workers_equals_in_process(both, files):
+    (im0, a0), (im1, a1) = files
+    items = [{"image": im0, "audio": a0}, {"audio": a1}, {"image": im1 + ".gone.png"}, im1, {"image": im1, "audio": a1}]
+    serial = list(both.iter_captions(items, decode=GREEDY, batch_size=2, num_workers=0))
+    workers = list(both.iter_captions(items, decode=GREEDY, batch_size=2, num_workers=2))
+    assert serial == workers
+    assert [it for it, _, _ in serial] == items  # input order, the original items
+    assert serial[2][1] is None and "no such file" in serial[2][2]
+    assert serial[3][1] == [both.caption(im1, decode=GREEDY)]
+
+
+def test_bfloat16_captioner_runs_every_part_in_bfloat16(both, files, tmp_path):
+    both.save_pretrained(tmp_path / "m")
+    half = Captioner.from_pretrained(tmp_path / "m", device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    (im0, a0), _ = files
+    out = list(half.iter_captions([{"image": im0, "audio": a0}, im0], decode=GREEDY))
+    assert all(isinstance(c[0], str) and err is None for _, c, err in out)
