@@ -241,7 +241,7 @@ class Captioner:
 
     def evaluate(self, examples: Sequence[CaptionExample], *, decode: DecodeConfig | None = None,
                  batch_size: int = 32, metrics: Sequence[str] = ("BLEU", "METEOR", "ROUGE_L", "CIDEr"),
-                 clip_scorer=None, modalities: Sequence[str] | None = None) -> EvalResult:
+                 clip_scorer=None, modalities: Sequence[str] | None = None, num_workers: int = 0) -> EvalResult:
         """Caption every example and score against its references (COCO caption metrics, SPIDEr when
         SPICE is computed, plus CLIPScore / RefCLIPScore for images when a `clipscore.CLIPScorer` is
         given). `modalities` restricts which of an example's inputs are used (e.g. ["image"] to see what a
@@ -267,7 +267,8 @@ class Captioner:
         from tqdm.auto import tqdm
 
         with tqdm(total=len(items), unit="item", desc="captioning", disable=len(items) < 2 * batch_size) as bar:
-            for item, captions, error in self.iter_captions(items, decode=decode, batch_size=batch_size):
+            for item, captions, error in self.iter_captions(items, decode=decode, batch_size=batch_size,
+                                                            num_workers=num_workers):
                 bar.update(1)
                 if error:
                     skipped.append(f"input skipped: {error}")

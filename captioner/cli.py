@@ -319,7 +319,7 @@ def cmd_eval(args) -> int:
     # Audio captioning reports SPIDEr = (CIDEr + SPICE) / 2: SPICE is tried whenever the set has sounds.
     metrics = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", *(("SPICE",) if args.spice or with_audio else ()))
     result = captioner.evaluate(examples, decode=decode, batch_size=args.batch_size, metrics=metrics,
-                                clip_scorer=scorer, modalities=args.modalities)
+                                clip_scorer=scorer, modalities=args.modalities, num_workers=args.num_workers)
     skipped = [*result.skipped, *([note] if note else [])]
     used = "+".join(args.modalities or captioner.model.modalities)
     print(f"{args.model} on {args.data} [{args.split}], {len(result.examples)} items, inputs: {used}:")
@@ -494,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inputs to use, e.g. image or audio, to score what a two-input captioner says from one "
                         "input alone (default: every input the captioner takes)")
     p.add_argument("--limit", type=int, help="evaluate only the first N items")
+    p.add_argument("--num-workers", type=int, default=2, help="file decoding workers (default: 2)")
     p.add_argument("--strict", action="store_true", help="malformed rows in the caption set are errors")
     p.add_argument("--output-dir", help="write scores.json, predictions.json and report.html here")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")

@@ -105,3 +105,27 @@ def test_caption_from_an_input_table(run, scenes, tmp_path):
         ("00000.png", "00000.wav"), ("00001.wav", "00001.wav"), ("00002.png", None)]
     errors = (tmp_path / "t.jsonl.errors.jsonl").read_text()
     assert "inputs.csv:5: row has no input" in errors
+
+
+def test_audio_only_captioner_trains_and_captions(tmp_path, capsys):
+    from captioner.audio import tiny_clap_config
+    from captioner.sounds import make_sounds_dataset
+
+    sounds = make_sounds_dataset(tmp_path / "sounds", n_train=36, n_val=9, n_test=9, seed=1)
+    train_ex, _ = read_imagefolder(sounds, "train")
+    assert all(ex.image is None and ex.audio for ex in train_ex)
+    argv = tiny_train_argv(sounds, tmp_path, train_ex, epochs=1, batch_size=16, extra=[
+        "--modalities", "audio", "--audio-config", json.dumps(tiny_clap_config()), "--val-images", "4"])
+    assert main(argv) == 0
+    best = tmp_path / "run" / "best"
+    assert json.loads((best / "config.json").read_text())["model"]["modalities"] == ["audio"]
+    capsys.readouterr()
+    assert main(["caption", "--model", str(best), "--audio", str(Path(sounds) / "test"), "--strategy", "greedy"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 9 and all(line.split("\t")[0].endswith(".wav") for line in printed)
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(png)
+    assert main(["caption", str(png), "--model", str(best)]) == 2
+    assert "trained on audio only" in capsys.readouterr().err
