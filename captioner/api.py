@@ -210,7 +210,8 @@ class Captioner:
         from torch.utils.data import DataLoader
 
         inputs = [{"image": it} if isinstance(it, (str, Path)) else it for it in items]
-        self.model.check_modalities(sorted({m for it in inputs for m in it}, key=MODALITIES.index))
+        if inputs:  # nothing to do is not an error (e.g. a resumed run that is already complete)
+            self.model.check_modalities(sorted({m for it in inputs for m in it}, key=MODALITIES.index))
         encoders = self.model.encoders
         dataset = _InputFiles(inputs, image_preprocess=encoders["image"].preprocess if "image" in encoders else None,
                               audio_loader=encoders["audio"].loader() if "audio" in encoders else None,

@@ -83,6 +83,10 @@ def test_resume_cuts_half_written_line_and_errors_file(setup, tmp_path):
     errors = [json.loads(line) for line in Path(f"{out}.errors.jsonl").read_text().splitlines()]
     assert [e["image"] for e in errors] == [str(bad)] and "bad.png" in errors[0]["error"]
     assert main(["caption", images[0], "--model", str(root / "model"), "-o", str(out)]) == 2  # no silent overwrite
+    # resuming a finished run has nothing left to caption: success, file unchanged
+    before = out.read_text()
+    assert main(["caption", *images, "--model", str(root / "model"), "-o", str(out), "--resume"]) == 0
+    assert out.read_text() == before
 
 
 def test_training_killed_during_checkpoint_write_resumes(setup, tmp_path, tokenizer):
