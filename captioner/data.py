@@ -1162,25 +1162,16 @@ def read_predictions(path: str | Path) -> dict[str, str]:
 
 
 def _prediction_csv_rows(path: Path, raw: bytes, delimiter: str) -> Iterator[tuple[str, str, dict]]:
-    records = _csv_records(path, raw, delimiter, _raise)
-    first = next(records, None)
-    if first is None:
-        raise DataError(f"{path}: empty file (a CSV of predictions needs a header: image_id,caption)")
-    header_line, header = first
-    header = [h.strip() for h in header]
+    header_line, header, rows = _csv_rows(path, raw, delimiter, _raise,
+                                          "a CSV of predictions (image_id,caption)")
     key = next((k for k in PREDICTION_ID_KEYS if k in header), None)
     if key is None or "caption" not in header:
         raise DataError(f"{path}:{header_line}: header needs 'caption' and 'image_id' (or 'id' or 'image'); "
                         f"it has {', '.join(map(repr, header))}")
-    columns = [key, "caption", *(["rank"] if "rank" in header else [])]
-    index = {c: header.index(c) for c in columns}
-    for lineno, record in records:
-        if len(record) != len(header):
-            raise DataError(f"{path}:{lineno}: row has {len(record)} fields, the header has {len(header)}")
-        row = {c: record[i] for c, i in index.items()}
-        if row.pop("rank", "0").strip() not in ("0", ""):
+    for where, record in rows:
+        if record.get("rank", "0").strip() not in ("0", ""):
             continue  # `captioner caption --num-captions N` writes N ranked rows per image: rank 0 is the caption
-        yield f"{path}:{lineno}", f"line {lineno}", row
+        yield where, f"line {where.rsplit(':', 1)[1]}", {key: record[key], "caption": record["caption"]}
 
 
 def match_prediction_ids(predictions: dict[str, str], references: dict[str, list[str]], *, source: str = "predictions"
@@ -1236,12 +1227,7 @@ def read_input_table(path: str | Path) -> tuple[list[dict[str, str]], list[str]]
     if fmt == "jsonl":
         rows = ((f"{path}:{n}", row) for n, row in _jsonl_rows(path, raw, bad))
     else:
-        records = _csv_records(path, raw, "\t" if fmt == "tsv" else ",", bad)
-        first = next(records, None)
-        if first is None:
-            raise DataError(f"{path}: empty file (an input table needs a header row)")
-        header = [h.strip() for h in first[1]]
-        rows = ((f"{path}:{n}", dict(zip(header, rec))) for n, rec in records)
+        _, _, rows = _csv_rows(path, raw, "\t" if fmt == "tsv" else ",", bad, "an input table")
     items = []
     for where, row in rows:
         item = {}
