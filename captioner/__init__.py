@@ -1,4 +1,5 @@
-"""captioner: frozen CLIP encoder -> trainable prefix mapper -> causal LM (GPT-2) image captioning."""
+"""captioner: frozen CLIP (+ CLAP/Whisper audio) encoders -> trainable prefix mappers -> causal LM (GPT-2)
+image and audio captioning."""
 
 from .api import Captioner
 from .config import DecodeConfig, ModelConfig

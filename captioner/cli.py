@@ -1,4 +1,6 @@
-"""Command line: `captioner train | caption | demo`. The only module that parses arguments.
+"""Command line: `captioner train | caption | eval | score | merge | bench | demo`.
+
+The only module that parses arguments.
 
 Flags for config fields are generated from the dataclasses in config.py / training.py (help text and
 defaults live there). Every command is `main(argv)` so tests run it in-process.
@@ -424,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="captioner",
-        description="Image captioning: frozen CLIP encoder -> trainable prefix mapper -> causal LM (GPT-2).",
+        description="Image and audio captioning: frozen CLIP (and CLAP/Whisper) encoders -> trainable prefix "
+                    "mappers -> causal LM (GPT-2).",
         epilog="Run 'captioner COMMAND --help' for the options of each command.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -519,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("train", help="train a captioner on a caption set",
-                       description="Train the mapper (and optionally the LM) on an imagefolder caption set. "
+                       description="Train the mappers (and optionally the LM) on a caption set of images, sounds or both. "
                                    "Flags override values from --config.")
     p.add_argument("--config", help="JSON or YAML file with TrainConfig fields (and a nested 'model' object)")
     add_dataclass_flags(p, TrainConfig, title="training")
