@@ -493,11 +493,13 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            rate = seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", caps_per_s=f"{rate:.0f}")
-            if step % config.log_every == 0:
-                log.log({"step": step, "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                         "captions_per_s": rate, "captions": seen, "time": time.time()})
+            # Reading the loss waits for the GPU: only every log_every steps, so the CPU can queue ahead.
+            if step % config.log_every == 0 or step == 1:
+                rate, value = seen / (time.perf_counter() - t0), loss.item()
+                bar.set_postfix(loss=f"{value:.3f}", caps_per_s=f"{rate:.0f}")
+                if step % config.log_every == 0:
+                    log.log({"step": step, "epoch": epoch + 1, "loss": value, "lr": scheduler.get_last_lr()[0],
+                             "captions_per_s": rate, "captions": seen, "time": time.time()})
             done_batches = i + 1
             if config.save_every and step % config.save_every == 0 and done_batches < n_batches:
                 _save_state(accelerator, out, {**progress, "step": step, "epoch": epoch, "batch": done_batches})
