@@ -375,3 +375,23 @@ def test_evaluate_returns_corpus_dict():
 )
 def test_simple_tokenize(text, expected):
     assert simple_tokenize(text) == expected
+
+
+def test_spider_is_the_mean_of_cider_and_spice(monkeypatch):
+    """SPICE needs a CoreNLP download, so its scorer is replaced; SPIDEr must combine whatever it returns."""
+    from captioner import metrics
+
+    if not metrics.java_available():
+        pytest.skip("SPICE runs only with Java")
+    preds = {"a": "a dog runs", "b": "a cat sleeps", "c": "two birds fly"}
+    refs = {"a": ["a dog is running"], "b": ["a cat is sleeping"], "c": ["birds are flying"]}
+    spice = {"a": 0.5, "b": 0.25, "c": 0.0}
+    monkeypatch.setattr(metrics, "_spice_missing_jars", lambda: ("lib", []))
+    monkeypatch.setattr(metrics, "_spice", lambda gts, res: (sum(spice.values()) / 3, dict(spice)))
+    out = metrics.score_captions(preds, refs, metrics=("CIDEr", "SPICE"))
+    assert out.corpus["SPIDEr"] == pytest.approx((out.corpus["CIDEr"] + 0.25) / 2)
+    for k in preds:
+        assert out.per_image[k]["SPIDEr"] == pytest.approx((out.per_image[k]["CIDEr"] + spice[k]) / 2)
+    assert metrics.headline(out.corpus) == ("SPIDEr", out.corpus["SPIDEr"])
+    no_spice = metrics.score_captions(preds, refs, metrics=("CIDEr",))
+    assert "SPIDEr" not in no_spice.corpus and metrics.headline(no_spice.corpus)[0] == "CIDEr"
