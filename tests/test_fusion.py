@@ -179,3 +179,19 @@ def test_bfloat16_captioner_runs_every_part_in_bfloat16(both, files, tmp_path):
     (im0, a0), _ = files
     out = list(half.iter_captions([{"image": im0, "audio": a0}, im0], decode=GREEDY))
     assert all(isinstance(c[0], str) and err is None for _, c, err in out)
+
+
+def test_iter_captions_streams_instead_of_accumulating(both, files, monkeypatch):
+    """Results come out batch by batch while later inputs are not yet read: memory does not grow with the
+    number of inputs."""
+    from captioner import api
+
+    loads = []
+    original = api._InputFiles.__getitem__
+    monkeypatch.setattr(api._InputFiles, "__getitem__", lambda self, i: loads.append(i) or original(self, i))
+    items = [files[i % 2][0] for i in range(10)]
+    stream = both.iter_captions(items, decode=GREEDY, batch_size=2)
+    first = next(stream)
+    assert first[0] == items[0] and len(loads) == 2  # only the first batch was read
+    rest = list(stream)
+    assert len(rest) == 9 and loads == list(range(10))
