@@ -339,7 +339,8 @@ def cmd_eval(args) -> int:
                                           "per_image": result.per_image})
         _write_json(out / "predictions.json",
                     [{"image_id": k, "caption": v} for k, v in result.predictions.items()])
-        items = [{"image": ex.image or "", "id": ex.image_id, "prediction": result.predictions[ex.image_id],
+        items = [{"image": ex.image or "", "audio": ex.audio, "id": ex.image_id,
+                  "prediction": result.predictions[ex.image_id],
                   "references": ex.captions, "scores": result.per_image[ex.image_id]} for ex in result.examples]
         report = write_report(out / "report.html", items, title=f"captioner eval: {args.data} [{args.split}]",
                               corpus=result.corpus)
@@ -403,7 +404,7 @@ def _audio_demo(args, run_audio_demo) -> int:
     print(f"  {'most frequent sound part':<28}{'':>14}{r.parts['audio baseline']:>12.4f}")
     print(f"  note: baselines {r.baselines['caption']!r}, {r.baselines['image']!r}, {r.baselines['audio']!r}; "
           "'its part' scores the image (or sound) half of each caption against the same half of the references")
-    print(f"\nmodel: {r.model_dir}")
+    print(f"\nmodel: {r.model_dir}\nreport: {r.report}")
     return EXIT_OK
 
 

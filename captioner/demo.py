@@ -86,6 +86,7 @@ class AudioDemoResult:
     coco_exact: bool
     samples: list[tuple[str, str, str, str, str]]  # (item, both, image only, audio only, first reference)
     model_dir: Path
+    report: Path
 
 
 def _part(caption: str, index: int) -> str:
@@ -111,8 +112,9 @@ def run_audio_demo(output_dir: str | Path = "demo_audio_out", *, epochs: int = 1
     test_ex, _ = read_imagefolder(data, "test")
     refs = {ex.image_id: ex.captions for ex in test_ex}
     decode = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=24)
-    preds = {name: captioner.evaluate(test_ex, decode=decode, modalities=mods, metrics=("CIDEr",)).predictions
-             for name, mods in (("both", None), ("image", ["image"]), ("audio", ["audio"]))}
+    results = {name: captioner.evaluate(test_ex, decode=decode, modalities=mods, metrics=("CIDEr",))
+               for name, mods in (("both", None), ("image", ["image"]), ("audio", ["audio"]))}
+    preds = {name: r.predictions for name, r in results.items()}
     exact = False  # pure-Python tokenisation: fast and identical across the runs compared here
 
     def cider(predictions, references):
@@ -130,5 +132,12 @@ def run_audio_demo(output_dir: str | Path = "demo_audio_out", *, epochs: int = 1
         parts[f"{name} baseline"] = cider({k: common for k in refs}, part_refs)
     samples = [(ex.image_id, preds["both"][ex.image_id], preds["image"][ex.image_id], preds["audio"][ex.image_id],
                 ex.captions[0]) for ex in test_ex]
+    report = write_report(out / "report.html", [
+        {"image": ex.image, "audio": ex.audio, "id": ex.image_id, "references": ex.captions,
+         "prediction": f"{preds['both'][ex.image_id]} | image only: {preds['image'][ex.image_id]} | "
+                       f"audio only: {preds['audio'][ex.image_id]}",
+         "scores": results["both"].per_image[ex.image_id]} for ex in test_ex],
+        title="captioner offline audio demo: scenes test split (both inputs | image only | audio only)",
+        corpus={f"CIDEr {k}": v for k, v in whole.items()})
     return AudioDemoResult(whole=whole, parts=parts, baselines=baselines, coco_exact=exact, samples=samples,
-                           model_dir=best)
+                           model_dir=best, report=report)

@@ -10,7 +10,9 @@ Each item is a mapping::
     {"image": "path/to/image.png", "id": "00012", "prediction": "a red circle ...",
      "references": ["a red circle in the top left", ...], "scores": {"CIDEr": 1.23, ...}}
 
-``scores`` is optional. The item table is sortable by clicking a score column header and
+``scores`` is optional; so is ``"audio": "path/to/sound.wav"``, shown in the image cell as the file name
+with a player that links to the file (relative to the report; sounds are not embedded, so the player
+works where the report sits next to its data). The item table is sortable by clicking a score column header and
 is initially sorted worst first by CIDEr when any item has a CIDEr score (items without
 one go last). An image that cannot be read gets a placeholder cell and a logged warning.
 """
@@ -232,11 +234,26 @@ def _normalise(item: Mapping, index: int) -> dict[str, Any]:
     return {
         "index": index,
         "image": item.get("image"),
+        "audio": item.get("audio"),
         "id": str(item.get("id", index)),
         "prediction": str(item.get("prediction", "")),
         "references": [str(r) for r in refs],
         "scores": {str(k): _as_float(v) for k, v in scores.items()},
     }
+
+
+def _audio(audio_path: Any, report_dir: Path) -> str:
+    """The sound's file name and a player linking to it, relative to the report's folder."""
+    import os
+    from urllib.parse import quote
+
+    try:
+        src = os.path.relpath(os.path.abspath(str(audio_path)), os.path.abspath(report_dir))
+    except ValueError:  # another drive (Windows): keep the absolute path
+        src = os.path.abspath(str(audio_path))
+    name = Path(str(audio_path)).name
+    return (f'<div class="audio">&#128266; {_esc(name)}<br>'
+            f'<audio controls preload="none" src="{_esc(quote(Path(src).as_posix()))}"></audio></div>')
 
 
 def write_report(
@@ -288,9 +305,12 @@ def write_report(
     body = []
     for row in rows_data:
         refs = "".join(f"<li>{_esc(r)}</li>" for r in row["references"])
+        media = _thumbnail(row["image"], thumb_size) if row["image"] or not row["audio"] else ""
+        if row["audio"]:
+            media += _audio(row["audio"], Path(path).parent)
         cells = [
             f'<td class="num" data-value="{row["index"]}">{row["index"]}</td>',
-            f'<td class="thumb">{_thumbnail(row["image"], thumb_size)}</td>',
+            f'<td class="thumb">{media}</td>',
             f"<td>{_esc(row['id'])}</td>",
             f'<td class="prediction">{_esc(row["prediction"])}</td>',
             f'<td><ul class="refs">{refs}</ul></td>',

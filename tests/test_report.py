@@ -199,3 +199,17 @@ def test_empty_items(tmp_path: Path) -> None:
     text, parser = _parse(write_report(tmp_path / "r.html", [], corpus={"CIDEr": 0.0}))
     assert parser.rows == []
     assert "0.0000" in text
+
+
+def test_audio_items_show_name_and_player_linked_relative_to_the_report(tmp_path):
+    sounds = tmp_path / "data" / "my clips"
+    sounds.mkdir(parents=True)
+    wav = sounds / "a&b.wav"
+    wav.write_bytes(b"RIFF")
+    out = write_report(tmp_path / "eval" / "report.html", [
+        {"audio": str(wav), "id": "x", "prediction": "a beep", "references": ["a beep"]},
+        {"image": "", "id": "y", "prediction": "?", "references": ["?"]}])
+    text = out.read_text()
+    assert "a&amp;b.wav" in text  # the name, escaped
+    assert 'src="../data/my%20clips/a%26b.wav"' in text  # relative to the report, URL-quoted
+    assert text.count("<audio ") == 1 and text.count("no image given") == 1  # the audio item has no placeholder
