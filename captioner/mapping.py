@@ -30,8 +30,17 @@ class FeatureNorm(nn.Module):
         self.mean.copy_(features.mean(0))
         self.std.copy_(features.std(0, unbiased=False) if len(features) > 1 else torch.ones_like(self.std))
 
+    def _apply(self, fn, recurse=True):
+        # The statistics stay float32 when the model is cast to bf16/fp16: features of a frozen encoder can
+        # vary by 1e-4 around an offset of 0.3, which a 16-bit mean would round away. Devices still move.
+        mean, std = self.mean, self.std
+        super()._apply(fn, recurse)
+        if self.mean.dtype != mean.dtype:  # a cast, not only a move: keep the float32 values
+            self.mean, self.std = mean.to(self.mean.device), std.to(self.std.device)
+        return self
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.mean) / (self.std + 1e-6)  # (B, F)
+        return (features.float() - self.mean) / (self.std + 1e-6)  # (B, F), float32
 
 
 class MLPMapper(nn.Module):
@@ -80,8 +89,8 @@ class Mapper(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.feature_norm is not None:
-            features = self.feature_norm(features)
-        return self.net(features)  # (B, P, D)
+            features = self.feature_norm(features)  # float32
+        return self.net(features.to(next(self.net.parameters()).dtype))  # (B, P, D)
 
 
 def build_mapper(config: ModelConfig, *, feature_dim: int, lm_dim: int, prefix_length: int | None = None) -> Mapper:

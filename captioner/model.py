@@ -125,7 +125,7 @@ class CaptionModel(nn.Module):
         for i, m in enumerate(self.modalities):
             if m not in features:
                 continue
-            seg = self.mappers[m](features[m].to(embed.weight.dtype))  # (B, P_m, D)
+            seg = self.mappers[m](features[m]).to(embed.weight.dtype)  # (B, P_m, D); mappers cast their input
             if self.modality_embed is not None:
                 seg = seg + self.modality_embed[i].to(seg.dtype)
             segments.append(seg)

@@ -195,3 +195,17 @@ def test_iter_captions_streams_instead_of_accumulating(both, files, monkeypatch)
     assert first[0] == items[0] and len(loads) == 2  # only the first batch was read
     rest = list(stream)
     assert len(rest) == 9 and loads == list(range(10))
+
+
+def test_feature_statistics_stay_float32_in_a_bfloat16_model(make_captioner):
+    cap = make_captioner()
+    norm = cap.model.mappers["image"].feature_norm
+    feats = 0.3 + 1e-4 * torch.randn(64, cap.model.image_encoder.output_dim)  # a random tower's features
+    norm.fit(feats)
+    z32 = norm(feats)
+    cap.model.to(torch.bfloat16)
+    assert norm.mean.dtype == torch.float32 and norm.std.dtype == torch.float32
+    z16 = norm(feats)  # the features reach the mapper in float32 from the encoder
+    torch.testing.assert_close(z16, z32)
+    prefix, _ = cap.model.prefix_embeds(feats)
+    assert prefix.dtype == torch.bfloat16 and torch.isfinite(prefix.float()).all()
