@@ -491,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "file's folder)")
     p.add_argument("--image-column", help="image column of a table or Hugging Face dataset (default: auto)")
     p.add_argument("--caption-column", help="caption column of a table or Hugging Face dataset (default: auto)")
-    p.add_argument("--audio-column", help="audio column of a table (default: auto: audio, audio_file)")
+    p.add_argument("--audio-column", help="audio column of a table or Hugging Face dataset (default: auto: an "
+                                          "Audio feature, audio, audio_file)")
     p.add_argument("--audio-root", help="folder the audio files are in (Clotho/AudioCaps CSVs; default: the "
                                         "CSV's folder)")
     p.add_argument("--modalities", type=_parse_list, metavar="A,B",

@@ -6,8 +6,9 @@ Readers report problem rows with file and line, skip them and count them; `stric
 Formats: HF imagefolder (`read_imagefolder`; rows with an image, an audio file or both), COCO captions
 JSON (`read_coco_captions`), Karpathy split JSON (`read_karpathy`), CSV/TSV/JSONL tables with image and/or
 audio columns (`read_caption_table`), Clotho and AudioCaps audio-caption CSVs (`read_clotho`,
-`read_audiocaps`), any Hugging Face `datasets` dataset with images (`read_hf_dataset`: save_to_disk
-directories, local data files, hf:NAME); `load_caption_set` picks one by path (and a CSV by its header).
+`read_audiocaps`), any Hugging Face `datasets` dataset with an image and/or an audio column
+(`read_hf_dataset`: save_to_disk directories, local data files, hf:NAME); `load_caption_set` picks one by
+path (and a CSV by its header).
 For scoring: `load_references` ({item id: [captions]}) and `read_predictions` ({item id: caption}).
 Input collection for captioning: `collect_images`, `collect_audio`.
 """
@@ -26,7 +27,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -801,20 +802,26 @@ def load_references(path: str | Path, *, split: str = "test") -> dict[str, list[
 #
 # `read_hf_dataset` reads any `datasets` dataset: a directory written by `save_to_disk`, a local data
 # directory or file `load_dataset` understands (imagefolder, parquet, csv, json, arrow), or a hub name
-# "hf:owner/name" (optionally "hf:owner/name:config"). The rest of the project needs image FILES (the
-# feature cache keys on path, size and mtime), so images that are not files on disk are written once to
-# `cache_dir/<dataset fingerprint>/<split>/<row index>.<ext>` and reused by later reads.
+# "hf:owner/name" (optionally "hf:owner/name:config"). The rest of the project needs image and audio FILES
+# (the feature cache keys on path, size and mtime), so images and sounds that are not files on disk are
+# written once to `cache_dir/<dataset fingerprint>/<split>/<row index>.<ext>` (audio: `<row index>.audio<ext>`)
+# and reused by later reads.
 
 HF_PREFIX = "hf:"
 HF_SAVED_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")  # what save_to_disk writes
 HF_IMAGE_COLUMNS = ("image", "img", "file_name", "filepath", "image_path", "path")  # tried when none is named
+HF_AUDIO_COLUMNS = ("audio", "audio_file", "audio_path")  # tried when none is named and no column is an Audio
 HF_CAPTION_COLUMNS = ("caption", "captions", "text")
-HF_ID_COLUMNS = ("image_id", "id")  # first present (and not the image/caption column) gives image ids
+HF_ID_COLUMNS = ("image_id", "id")  # first present (and not an image/audio/caption column) gives image ids
+# Next to an audio column these name the sound file as often as an image, so they are not taken as images.
+_HF_GENERIC_PATH_COLUMNS = ("file_name", "filepath", "path")
 DEFAULT_HF_IMAGE_CACHE = Path("~/.cache/captioner/hf_images")
 _HF_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv", ".json": "json",
                      ".jsonl": "json", ".ndjson": "json", ".txt": "text"}
 _PIL_FORMAT_EXT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp",
                    "TIFF": ".tif"}
+_SOUNDFILE_FORMAT_EXT = {"WAV": ".wav", "WAVEX": ".wav", "FLAC": ".flac", "OGG": ".ogg", "MP3": ".mp3",
+                         "AIFF": ".aiff"}
 
 
 def is_saved_hf_dataset(path: str | Path) -> bool:
@@ -918,36 +925,95 @@ def _write_atomic(target: Path, data: bytes) -> None:
                 os.unlink(tmp)
             raise
     except OSError as e:
-        raise DataError(f"{target}: cannot write the image cache ({e.strerror or e})") from None
+        raise DataError(f"{target}: cannot write the file cache ({e.strerror or e})") from None
 
 
-def _hf_image_file(value, *, root: Path | None, folder: Path, index: int) -> tuple[str, str | None]:
-    """One image cell -> (path of an image file, None), or ("", reason). A path that exists (absolute, or
-    relative to the dataset's folder; a bare path string also relative to the working directory) is used as
-    is; image bytes or a decoded image are written once to folder/<index>.<ext>."""
-    data = None
-    if isinstance(value, Image.Image):
-        buf = io.BytesIO()
+class _MediaKind(NamedTuple):
+    """What `_hf_media_file` needs to know about one kind of cell ("image" or "audio")."""
+
+    decoded: str  # what a decoded cell is, for messages
+    recognised: str  # what its bytes must be: "<kind> bytes are not a recognised <this>"
+    extensions: tuple[str, ...]  # a file name with one of these is trusted; other bytes are sniffed
+    format_ext: dict[str, str]  # sniffed format -> file extension
+    stem: str  # after the row index in cache names, so a row's sound never overwrites its image
+
+
+_HF_MEDIA = {
+    "image": _MediaKind("an image", "image", IMAGE_EXTENSIONS, _PIL_FORMAT_EXT, ""),
+    "audio": _MediaKind("decoded audio ({'array', 'sampling_rate'})", "sound", AUDIO_EXTENSIONS,
+                        _SOUNDFILE_FORMAT_EXT, ".audio"),
+}
+
+
+def _encode_decoded(value, kind: str) -> tuple[bytes, str, str | None] | None:
+    """A decoded cell as file bytes -> (bytes, a file name giving the extension, None), or (b"", "", reason);
+    None when `value` is not a decoded cell of this kind. Images (PIL) become PNG; audio dicts
+    {'array': (samples,) or (samples, channels) floats in [-1, 1], 'sampling_rate'} become 16-bit WAV
+    (lossless for the 16-bit recordings such arrays usually come from, half the size of float)."""
+    buf = io.BytesIO()
+    if kind == "image" and isinstance(value, Image.Image):
         try:
             value.save(buf, format="PNG")
         except (OSError, ValueError) as e:
-            return "", f"image cannot be encoded ({e})"
-        data, name = buf.getvalue(), "x.png"
+            return b"", "", f"image cannot be encoded ({e})"
+        return buf.getvalue(), "x.png", None
+    if kind == "audio" and isinstance(value, dict) and "array" in value:
+        import numpy as np
+        import soundfile
+
+        rate = value.get("sampling_rate")
+        if not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0:
+            return b"", "", f"audio sampling_rate must be a positive integer, not {rate!r}"
+        try:
+            samples = np.asarray(value["array"], dtype="float32")
+            if samples.size == 0:
+                return b"", "", "audio array is empty"
+            soundfile.write(buf, samples, rate, format="WAV", subtype="PCM_16")  # clips outside [-1, 1]
+        except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: libsndfile refused the shape
+            return b"", "", f"audio array cannot be encoded ({e})"
+        return buf.getvalue(), "x.wav", None
+    return None
+
+
+def _sniff_format(data: bytes, kind: str) -> str | None:
+    """The format name PIL (images) or libsndfile (audio) reads in `data`, or None."""
+    try:
+        if kind == "image":
+            with Image.open(io.BytesIO(data)) as im:
+                return im.format or ""
+        import soundfile
+
+        return soundfile.info(io.BytesIO(data)).format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError):
+        return None  # RuntimeError: soundfile's LibsndfileError
+
+
+def _hf_media_file(value, kind: str, *, root: Path | None, folder: Path, index: int) -> tuple[str, str | None]:
+    """One image or audio cell (`kind`) -> (path of a file, None), or ("", reason). A path that exists
+    (absolute, or relative to the dataset's folder; a bare path string also relative to the working directory)
+    is used as is; bytes or a decoded image/sound are written once to folder/<index><ext> (images) or
+    folder/<index>.audio<ext> (audio)."""
+    media = _HF_MEDIA[kind]
+    decoded = _encode_decoded(value, kind)
+    if decoded is not None:
+        data, name, reason = decoded
+        if reason is not None:
+            return "", reason
     elif isinstance(value, dict) and ("bytes" in value or "path" in value):
         data, name = value.get("bytes"), value.get("path")
     elif isinstance(value, str):
-        name = value
+        data, name = None, value
     elif value is None:
-        return "", "no image"
+        return "", f"no {kind}"
     else:
-        return "", f"image cell holds {type(value).__name__}, not an image, a path or {{'bytes', 'path'}}"
+        return "", f"{kind} cell holds {type(value).__name__}, not {media.decoded}, a path or {{'bytes', 'path'}}"
     if data is not None and not isinstance(data, (bytes, bytearray)):
-        return "", f"image 'bytes' must be bytes, not {type(data).__name__}"
+        return "", f"{kind} 'bytes' must be bytes, not {type(data).__name__}"
     if name is not None and not isinstance(name, str):
-        return "", f"image path must be a string, not {type(name).__name__}"
-    if name and not isinstance(value, Image.Image):
+        return "", f"{kind} path must be a string, not {type(name).__name__}"
+    if name and decoded is None:
         if not _is_utf8(name) or "\x00" in name:
-            return "", "image path is not a valid path"
+            return "", f"{kind} path is not a valid path"
         p = Path(name).expanduser()
         candidates = [p] if p.is_absolute() else [*([root / p] if root is not None else []),
                                                   *([p] if data is None else [])]
@@ -958,16 +1024,14 @@ def _hf_image_file(value, *, root: Path | None, folder: Path, index: int) -> tup
             except OSError:
                 continue
     if not data:
-        return "", f"image file {name!r} not found" if name else "image has neither bytes nor a path"
+        return "", f"{kind} file {name!r} not found" if name else f"{kind} has neither bytes nor a path"
     ext = Path(name).suffix.lower() if name else ""
-    if ext not in IMAGE_EXTENSIONS:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format or ""
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            return "", "image bytes are not a recognised image"
-        ext = _PIL_FORMAT_EXT.get(fmt, "." + fmt.lower())
-    target = folder / f"{index}{ext}"
+    if ext not in media.extensions:
+        fmt = _sniff_format(data, kind)
+        if fmt is None:
+            return "", f"{kind} bytes are not a recognised {media.recognised}"
+        ext = media.format_ext.get(fmt, "." + fmt.lower())
+    target = folder / f"{index}{media.stem}{ext}"
     try:
         present = target.stat().st_size == len(data)
     except OSError:
@@ -977,9 +1041,10 @@ def _hf_image_file(value, *, root: Path | None, folder: Path, index: int) -> tup
     return str(target), None
 
 
-def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = "image",
+def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = None,
                     caption_column: str | None = "caption", strict: bool = False,
-                    cache_dir: str | Path | None = None) -> tuple[list[CaptionExample], ReadReport]:
+                    cache_dir: str | Path | None = None, audio_column: str | None = None
+                    ) -> tuple[list[CaptionExample], ReadReport]:
     """Any `datasets` dataset as a caption set. `spec`: a directory written by `save_to_disk` (Dataset or
     DatasetDict), a local data directory or file that `load_dataset` reads (imagefolder, parquet, csv,
     json, arrow), or a hub name "hf:owner/name[:config]" (offline: the local datasets cache only, else a
@@ -987,13 +1052,21 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
 
     `split` picks a split of a DatasetDict (an error lists the splits; None works for a single split); a
     single Dataset or data file is one split already and `split` only labels its examples (default: the
-    dataset's own split name, or its folder's name inside a saved DatasetDict, else "train"). The image column may hold
-    decoded images, {'bytes', 'path'} dicts or path strings; an existing file is used where it is, other
-    images are written once to `cache_dir/<fingerprint>/<split>/<row>.<ext>` (default
-    `DEFAULT_HF_IMAGE_CACHE`) and reused later. The caption column holds a string or a list of strings.
-    image_id is the `image_id`/`id` column (as a string) when there is one, rows with equal ids being
-    merged (the first row's image is kept), else "<split>/<row>". A column of None is auto-detected
-    (`HF_IMAGE_COLUMNS`, `HF_CAPTION_COLUMNS`). Problem rows are reported as "SPEC: split[row]: reason"."""
+    dataset's own split name, or its folder's name inside a saved DatasetDict, else "train").
+
+    Each row gives an image, a sound or both. The image column may hold decoded images, {'bytes', 'path'}
+    dicts or path strings; the audio column {'bytes', 'path'} dicts (an `Audio` feature, read undecoded),
+    decoded {'array', 'sampling_rate'} dicts or path strings. An existing file is used where it is; other
+    images are written once to `cache_dir/<fingerprint>/<split>/<row>.<ext>` and sounds to
+    `.../<row>.audio<ext>` (default `DEFAULT_HF_IMAGE_CACHE`), and reused later. The caption column holds a
+    string or a list of strings. image_id is the `image_id`/`id` column (as a string) when there is one, rows
+    with equal ids being merged (the first row's files are kept), else "<split>/<row>".
+
+    A column of None is auto-detected: audio is the `Audio` feature column, else the first of
+    `HF_AUDIO_COLUMNS`; captions the first of `HF_CAPTION_COLUMNS`; the image the first of `HF_IMAGE_COLUMNS`,
+    which must be there unless the dataset has audio (then an `Image` feature column, else a non-generic
+    image name, or none: an audio-only set). With both columns a None cell is no input for that row. A named
+    column must exist. Problem rows are reported as "SPEC: split[row]: reason"."""
     import datasets
 
     spec = str(spec)
@@ -1012,13 +1085,27 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
     if not isinstance(ds, datasets.Dataset):
         raise DataError(f"{spec}: a streaming dataset is not supported (load it as a map-style Dataset)")
     columns = list(ds.column_names)
-    image_column = _pick_column(spec, columns, image_column, HF_IMAGE_COLUMNS, "image")
+    features = ds.features
+    if audio_column is not None:
+        audio_column = _pick_column(spec, columns, audio_column, HF_AUDIO_COLUMNS, "audio")
+    else:
+        audio_column = next((c for c in columns if isinstance(features[c], datasets.Audio)), None) or next(
+            (c for c in HF_AUDIO_COLUMNS if c in columns), None)
+    if image_column is not None or audio_column is None:
+        image_column = _pick_column(spec, columns, image_column, HF_IMAGE_COLUMNS, "image")
+    else:  # optional next to audio (Clotho has none); a generic path column there is likely the sound's
+        image_column = next((c for c in columns if isinstance(features[c], datasets.Image)), None) or next(
+            (c for c in HF_IMAGE_COLUMNS if c in columns and c not in _HF_GENERIC_PATH_COLUMNS), None)
     caption_column = _pick_column(spec, columns, caption_column, HF_CAPTION_COLUMNS, "caption")
-    id_column = next((c for c in HF_ID_COLUMNS if c in columns and c not in (image_column, caption_column)), None)
+    media = {kind: c for kind, c in (("image", image_column), ("audio", audio_column)) if c is not None}
+    id_column = next((c for c in HF_ID_COLUMNS if c in columns and c not in (*media.values(), caption_column)), None)
     fingerprint = str(getattr(ds, "_fingerprint", None) or "unknown")
-    ds = ds.select_columns(list(dict.fromkeys([image_column, caption_column, *([id_column] if id_column else [])])))
-    if isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # raw bytes and paths, no decoding
+    ds = ds.select_columns(list(dict.fromkeys([*media.values(), caption_column, *([id_column] if id_column else [])])))
+    for column in media.values():  # raw bytes and paths, no decoding (decoding audio would need torchcodec)
+        if isinstance(features[column], datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(features[column], datasets.Audio):
+            ds = ds.cast_column(column, datasets.Audio(decode=False))
     spec_path = Path(spec).expanduser() if not spec.startswith(HF_PREFIX) else None
     root = (spec_path if spec_path.is_dir() else spec_path.parent) if spec_path is not None else None
     safe_label = "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in label) or "split"
@@ -1045,11 +1132,20 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
                 continue
         else:
             key = f"{label}/{index}"
-        image, reason = _hf_image_file(row[image_column], root=root, folder=folder, index=index)
+        # with both columns an empty cell is no input (an audio-only row); alone, it is reported as missing
+        cells = {kind: row[c] for kind, c in media.items() if row[c] is not None or len(media) == 1}
+        if not cells:
+            bad(where, "no image and no audio")
+            continue
+        paths: dict[str, str] = {}
+        for kind, value in cells.items():
+            if reason is None:
+                paths[kind], reason = _hf_media_file(value, kind, root=root, folder=folder, index=index)
         if reason is not None:
             bad(where, reason)
             continue
-        by_id[key] = CaptionExample(image_id=key, image=image, captions=caps, split=label)
+        by_id[key] = CaptionExample(image_id=key, image=paths.get("image"), captions=caps, split=label,
+                                    audio=paths.get("audio"))
     return _finish(report, list(by_id.values()), f"no usable rows in split {label!r}")
 
 
@@ -1062,13 +1158,14 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
     content (a COCO file is one split already: `split` only labels its examples); a .csv whose header is
     Clotho's or AudioCaps' -> `read_clotho` / `read_audiocaps` (one split already, like COCO); other
     .csv/.tsv/.jsonl -> `read_caption_table` (columns auto-detected unless named; `audio_column` names its
-    audio column). `image_root` (COCO/Karpathy only; default: the JSON's folder) is where image paths
-    start; `audio_root` (Clotho/AudioCaps only; default: the CSV's folder) is where audio files are.
-    Images and audio files must exist.
+    audio column, here and for `datasets` datasets). `image_root` (COCO/Karpathy only; default: the JSON's
+    folder) is where image paths start; `audio_root` (Clotho/AudioCaps only; default: the CSV's folder) is
+    where audio files are. Images and audio files must exist.
 
-    `read_hf_dataset` (a `datasets` dataset; `cache_dir` is where images that are not files go) reads
-    "hf:owner/name" hub names, directories written by `save_to_disk`, .parquet/.arrow files, and
-    directories without metadata.jsonl when an image or caption column is named."""
+    `read_hf_dataset` (a `datasets` dataset with images and/or audio; `cache_dir` is where images and sounds
+    that are not files go) reads "hf:owner/name" hub names, directories written by `save_to_disk`,
+    .parquet/.arrow files, and directories without metadata.jsonl when an image, audio or caption column is
+    named."""
     path = Path(spec)
     if image_root is not None and (str(spec).startswith(HF_PREFIX) or path.is_dir() or path.suffix.lower() != ".json"):
         raise DataError(f"{path}: an image root applies only to COCO/Karpathy JSON files (image paths of an "
@@ -1077,16 +1174,16 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
     if audio_root is not None and audio_reader is None:
         raise DataError(f"{path}: an audio root applies only to Clotho and AudioCaps CSV files (audio paths of an "
                         "imagefolder or a table are relative to its own folder)")
-    if audio_column is not None and (audio_reader is not None or str(spec).startswith(HF_PREFIX)
-                                     or path.suffix.lower() not in _TABLE_SUFFIXES):
-        raise DataError(f"{path}: an audio column applies only to .csv/.tsv/.jsonl caption tables (Clotho and "
-                        "AudioCaps CSVs have their own layout)")
+    named = image_column or caption_column or audio_column
     if str(spec).startswith(HF_PREFIX) or is_saved_hf_dataset(path) or (
             path.is_file() and path.suffix.lower() in (".parquet", ".arrow")) or (
-            path.is_dir() and (image_column or caption_column) and not (path / "metadata.jsonl").is_file()
+            path.is_dir() and named and not (path / "metadata.jsonl").is_file()
             and not (split and (path / split / "metadata.jsonl").is_file())):
         return read_hf_dataset(str(spec), split, image_column=image_column, caption_column=caption_column,
-                               strict=strict, cache_dir=cache_dir)
+                               strict=strict, cache_dir=cache_dir, audio_column=audio_column)
+    if audio_column is not None and (audio_reader is not None or path.suffix.lower() not in _TABLE_SUFFIXES):
+        raise DataError(f"{path}: an audio column applies only to .csv/.tsv/.jsonl caption tables and `datasets` "
+                        "datasets (Clotho and AudioCaps CSVs have their own layout)")
     if path.is_dir():
         return read_imagefolder(path, split if split and (path / split).is_dir() else None, strict=strict)
     if not path.exists():

@@ -52,8 +52,8 @@ class TrainConfig:
                            default="runs/captioner")
     image_column: str | None = _doc("Image column of a table or Hugging Face dataset (default: auto-detect).",
                                     default=None)
-    audio_column: str | None = _doc("Audio column of a table (default: auto-detect 'audio' or 'audio_file').",
-                                    default=None)
+    audio_column: str | None = _doc("Audio column of a table or Hugging Face dataset (default: auto-detect "
+                                    "an Audio feature, 'audio' or 'audio_file').", default=None)
     audio_root: str | None = _doc("Folder audio files are in (Clotho/AudioCaps CSVs; default: the CSV's "
                                   "folder).", default=None)
     modality_dropout: float = _doc("Probability that an item with both image and audio loses one of them "

@@ -1,6 +1,8 @@
-"""Audio caption sets: imagefolder audio rows, audio table columns, Clotho and AudioCaps CSVs, dispatch."""
+"""Audio caption sets: imagefolder audio rows, audio table columns, Clotho and AudioCaps CSVs, Hugging Face
+`datasets` audio columns, dispatch."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,14 +10,14 @@ import soundfile
 from PIL import Image
 
 from captioner.data import (DataError, collect_audio, load_caption_set, load_references, read_audiocaps,
-                            read_caption_table, read_clotho, read_imagefolder)
+                            read_caption_table, read_clotho, read_hf_dataset, read_imagefolder)
 
 
-def _wavs(folder, *names):
+def _wavs(folder, *names, level=0.0):
     for name in names:
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(path, np.zeros(1600, "float32"), 16000)
+        soundfile.write(path, np.full(1600, level, "float32"), 16000)
 
 
 def _where(problems):
@@ -219,3 +221,104 @@ def test_load_references_reads_audio_sets_without_files(tmp_path):
         + json.dumps({"audio_file": "s.wav", "caption": "b"}) + "\n"
         + json.dumps({"file_name": "f.png", "audio_file": "s2.wav", "caption": "c"}) + "\n")
     assert load_references(tmp_path / "if") == {"test/s": ["a", "b"], "test/f": ["c"]}
+
+
+# ------------------------------------------------------------------ Hugging Face `datasets` audio columns
+
+def _hf_save(folder, columns, audio_feature="audio"):
+    """A saved Dataset of `columns`; the `audio_feature` column (a {'bytes', 'path'} struct) cast to Audio."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    ds = datasets.Dataset.from_dict(columns)
+    if audio_feature is not None:
+        ds = ds.cast_column(audio_feature, datasets.Audio())
+    ds.save_to_disk(str(folder))
+    return folder
+
+
+def _clip_bytes(tmp_path, level):
+    _wavs(tmp_path / "src", f"{level}.wav", level=level)
+    return (tmp_path / "src" / f"{level}.wav").read_bytes()
+
+
+def _samples(path):
+    return soundfile.read(path, dtype="int16")
+
+
+def test_hf_audio_only_dataset_writes_each_sound_once(tmp_path):
+    clips = [_clip_bytes(tmp_path, level) for level in (0.25, -0.5)]
+    spec = _hf_save(tmp_path / "ds", {
+        "audio": [{"bytes": clips[0], "path": None},     # 0: a format sniffed from the bytes
+                  {"bytes": clips[1], "path": "b.wav"},  # 1: named by its path (not a file here)
+                  {"bytes": b"not a sound", "path": None}],
+        "file_name": ["a.wav", "b.wav", "c.wav"],  # a generic path column beside audio: not taken as images
+        "caption": [["a low hum"], ["a loud hum", "humming"], ["junk"]]})
+    cache = tmp_path / "cache"
+    examples, report = load_caption_set(spec, "train", cache_dir=cache)
+    assert [(e.image_id, e.image, e.captions) for e in examples] == [("train/0", None, ["a low hum"]),
+                                                                    ("train/1", None, ["a loud hum", "humming"])]
+    assert report.problems == [f"{spec}: train[2]: audio bytes are not a recognised sound"]
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["0.audio.wav", "1.audio.wav"]
+    for ex, level in zip(examples, (0.25, -0.5)):
+        assert ex.audio.startswith(str(cache))
+        samples, rate = _samples(ex.audio)
+        assert rate == 16000 and np.array_equal(samples, _samples(tmp_path / "src" / f"{level}.wav")[0])
+    old = 1_000_000_000
+    for ex in examples:
+        os.utime(ex.audio, ns=(old, old))
+    again, _ = read_hf_dataset(str(spec), "train", cache_dir=cache)
+    assert [e.audio for e in again] == [e.audio for e in examples]
+    assert all(os.stat(e.audio).st_mtime_ns == old for e in again)  # reused, not rewritten
+    with pytest.raises(DataError, match=r"ds: train\[2\]: audio bytes are not a recognised sound"):
+        read_hf_dataset(str(spec), "train", strict=True, cache_dir=cache)
+
+
+def test_hf_image_and_audio_rows_share_a_row_index_without_colliding(tmp_path):
+    clip = _clip_bytes(tmp_path, 0.5)
+    frame = Image.new("RGB", (6, 4), (200, 10, 10))
+    spec = _hf_save(tmp_path / "ds", {
+        "image": [frame, None, None, frame],
+        "sound": [{"bytes": clip, "path": None}, {"bytes": clip, "path": None}, None, None],  # an Audio feature
+        "caption": ["both", "sound only", "neither", "image only"]}, audio_feature="sound")
+    cache = tmp_path / "cache"
+    examples, report = load_caption_set(spec, "val", cache_dir=cache)
+    folder = next(cache.glob("*/val"))
+    assert [(e.image_id, e.image, e.audio) for e in examples] == [
+        ("val/0", str(folder / "0.png"), str(folder / "0.audio.wav")), ("val/1", None, str(folder / "1.audio.wav")),
+        ("val/3", str(folder / "3.png"), None)]
+    assert report.problems == [f"{spec}: val[2]: no image and no audio"]
+    assert Image.open(examples[0].image).getpixel((0, 0)) == (200, 10, 10)
+    assert np.array_equal(_samples(examples[0].audio)[0], _samples(tmp_path / "src" / "0.5.wav")[0])
+
+
+def test_hf_decoded_audio_arrays_become_16_bit_wavs(tmp_path):
+    wave = np.sin(np.linspace(0, 20, 800)) * 0.8
+    spec = _hf_save(tmp_path / "ds", {
+        "audio": [{"array": wave.tolist(), "sampling_rate": 22050}, {"array": [0.1], "sampling_rate": 0},
+                  {"array": [], "sampling_rate": 16000}],
+        "caption": ["a tone", "no rate", "no samples"]}, audio_feature=None)  # a plain struct column
+    examples, report = load_caption_set(spec, "train", cache_dir=tmp_path / "cache")
+    assert [(e.image_id, os.path.basename(e.audio)) for e in examples] == [("train/0", "0.audio.wav")]
+    info = soundfile.info(examples[0].audio)
+    assert (info.format, info.subtype, info.samplerate) == ("WAV", "PCM_16", 22050)
+    assert np.allclose(soundfile.read(examples[0].audio)[0], wave, atol=1 / 2**15)
+    assert [p.split(": ", 2)[2] for p in report.problems] == [
+        "audio sampling_rate must be a positive integer, not 0", "audio array is empty"]
+
+
+def test_hf_named_audio_column_paths_are_used_in_place(tmp_path):
+    ds = tmp_path / "ds"
+    _wavs(ds, "clips/a.wav")  # relative paths start at the dataset's folder
+    _hf_save(ds, {"clip": ["clips/a.wav", "clips/gone.wav", None], "audio": ["x", "y", "z"],
+                  "caption": ["a", "b", "c"]}, audio_feature=None)
+    cache = tmp_path / "cache"
+    examples, report = load_caption_set(ds, "train", audio_column="clip", cache_dir=cache)
+    assert [(e.image_id, e.image, e.audio) for e in examples] == [("train/0", None, str(ds / "clips/a.wav"))]
+    assert report.problems == [f"{ds}: train[1]: audio file 'clips/gone.wav' not found",
+                               f"{ds}: train[2]: no audio"]  # the only input column: an empty cell is missing
+    assert not cache.exists()  # nothing copied
+    with pytest.raises(DataError, match=r"no audio column 'sound' \(columns: 'clip', 'audio', 'caption'\)"):
+        load_caption_set(ds, "train", audio_column="sound", cache_dir=cache)
+    with pytest.raises(DataError, match=r"no image column 'picture'"):  # named: required even beside audio
+        load_caption_set(ds, "train", image_column="picture", audio_column="clip", cache_dir=cache)
