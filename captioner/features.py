@@ -148,7 +148,7 @@ class FeatureCache:
         loader = DataLoader(_Inputs(paths, preprocess, self.load), batch_size=batch_size, num_workers=num_workers,
                             pin_memory=torch.cuda.is_available(), shuffle=False)
         t0, seen = time.perf_counter(), 0
-        with open(f"{stem}.done", "r+b") as done, tqdm(total=len(paths), desc=desc, unit="img") as bar:
+        with open(f"{stem}.done", "r+b") as done, tqdm(total=len(paths), desc=desc, unit="file") as bar:
             for b, inputs in enumerate(loader):
                 batch_rows = rows[b * batch_size:(b + 1) * batch_size]
                 if isinstance(inputs, torch.Tensor):
@@ -163,5 +163,5 @@ class FeatureCache:
                 done.flush()
                 seen += len(batch_rows)
                 bar.update(len(batch_rows))
-                bar.set_postfix(img_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(files_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
         del feats
