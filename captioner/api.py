@@ -1,8 +1,10 @@
-"""The Python API: `Captioner` = CaptionModel + tokenizer + image preprocessing.
+"""The Python API: `Captioner` = CaptionModel + tokenizer + input reading (images, sounds).
 
     cap = Captioner.from_pretrained("runs/demo/model")
     cap.caption(["a.jpg", "b.png"])                       # -> ["a red circle ...", ...]
     cap.caption("a.jpg", decode=DecodeConfig(strategy="sample", num_captions=3, seed=0))
+    cap.caption("frame.jpg", audio="frame.wav")           # a captioner trained on image + audio
+    cap.iter_captions(paths_or_dicts, num_workers=4)      # streaming, errors per item
 """
 
 from __future__ import annotations
