@@ -86,6 +86,8 @@ class TrainConfig:
                            default=100)
     save_every: int = _doc("Also save the resumable state every N optimiser steps (0: each epoch only).",
                            default=0)
+    val_every: int = _doc("Also validate and save last/ (and best/ when better) every N optimiser steps, for "
+                          "long epochs (0: at the end of each epoch only).", default=0)
     resume: bool = _doc("Continue from <output_dir>/state if it exists.", default=False)
     log_every: int = _doc("Log the training loss every N optimiser steps.", default=20)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -465,6 +467,27 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
     log = _Logger(out, main_proc)
     step = progress["step"]
     unwrapped = accelerator.unwrap_model(model)
+
+    def validate_and_save(epoch_no: int, train_loss: float) -> None:
+        """Validation loss (+ greedy BLEU-4/CIDEr), a metrics record, last/, and best/ when the validation
+        loss (else the training loss) is the lowest so far."""
+        record = {"step": step, "epoch": epoch_no, "train_loss": train_loss}
+        if val_loader is not None:
+            record["val_loss"] = evaluate_loss(model, val_loader, accelerator)
+        score = record.get("val_loss", record["train_loss"])
+        if main_proc:
+            cap = Captioner(unwrapped, tok, device=accelerator.device)
+            if val_ex and config.val_images > 0:
+                record.update(caption_metrics(cap, val_feats, val_ex, limit=config.val_images))
+            log.log(record)
+            logger.info("epoch %d: %s", epoch_no,
+                        ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            cap.save_pretrained(out / "last", step=step, epoch=epoch_no)
+            if score < progress["best"]:
+                cap.save_pretrained(out / "best", step=step, epoch=epoch_no)
+        if score < progress["best"]:
+            progress["best"] = score
+
     model.train()
     stop = False
     for epoch in range(progress["epoch"], config.epochs):
@@ -501,6 +524,8 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
                     log.log({"step": step, "epoch": epoch + 1, "loss": value, "lr": scheduler.get_last_lr()[0],
                              "captions_per_s": rate, "captions": seen, "time": time.time()})
             done_batches = i + 1
+            if config.val_every and step % config.val_every == 0 and done_batches < n_batches:
+                validate_and_save(epoch + 1, loss.item())  # the epoch's end validates anyway
             if config.save_every and step % config.save_every == 0 and done_batches < n_batches:
                 _save_state(accelerator, out, {**progress, "step": step, "epoch": epoch, "batch": done_batches})
             if config.max_steps is not None and step >= config.max_steps:
@@ -511,22 +536,7 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
                 _save_state(accelerator, out, {**progress, "step": step, "epoch": epoch, "batch": done_batches})
             logger.info("stopped at max_steps=%d; continue with --resume", config.max_steps)
             break
-        record = {"step": step, "epoch": epoch + 1, "train_loss": loss.item() if loss is not None else float("nan")}
-        if val_loader is not None:
-            record["val_loss"] = evaluate_loss(model, val_loader, accelerator)
-        score = record.get("val_loss", record["train_loss"])
-        if main_proc:
-            cap = Captioner(unwrapped, tok, device=accelerator.device)
-            if val_ex and config.val_images > 0:
-                record.update(caption_metrics(cap, val_feats, val_ex, limit=config.val_images))
-            log.log(record)
-            logger.info("epoch %d: %s", epoch + 1,
-                        ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            cap.save_pretrained(out / "last", step=step, epoch=epoch + 1)
-            if score < progress["best"]:
-                cap.save_pretrained(out / "best", step=step, epoch=epoch + 1)
-        if score < progress["best"]:
-            progress["best"] = score
+        validate_and_save(epoch + 1, loss.item() if loss is not None else float("nan"))
         progress = {**progress, "step": step, "epoch": epoch + 1, "batch": 0}
         _save_state(accelerator, out, progress)
     accelerator.wait_for_everyone()

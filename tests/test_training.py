@@ -133,3 +133,14 @@ def test_two_processes_train_one_consistent_checkpoint(small_data, tmp_path, tok
     n_pairs = sum(len(json.loads(x)["captions"]) for x in (small_data / "train" / "metadata.jsonl").open())
     assert steps == list(range(1, -(-n_pairs // 16) + 1))  # one line per global step, from the main process only
     assert "; 2 processes x 13 batches per epoch" in proc.stderr
+
+
+def test_val_every_validates_and_saves_mid_epoch(small_data, tmp_path, tokenizer):
+    cfg = _config(small_data, tmp_path / "run", tokenizer, epochs=1, batch_size=8, val_every=2, val_images=4)
+    train(cfg, tokenizer=tokenizer)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validations = [r["step"] for r in records if "val_loss" in r]
+    n_steps = max(r["step"] for r in records)
+    assert validations == [*range(2, n_steps, 2), n_steps]  # every 2 steps, and at the epoch's end
+    assert all("val_cider" in r for r in records if "val_loss" in r)
+    assert json.loads((tmp_path / "run" / "last" / "config.json").read_text())["step"] == n_steps
