@@ -331,12 +331,14 @@ def cmd_eval(args) -> int:
 
         key, value = headline(result.corpus)
         print(f"  headline: {key} {value:.4f}" + ("" if key == "SPIDEr" else " (SPIDEr needs SPICE; see the note above)"))
+    ablation = _ablate(args, captioner, examples, decode, metrics, result) if args.ablate else None
     if args.output_dir:
         out = Path(args.output_dir)
         _write_json(out / "scores.json", {"model": args.model, "data": args.data, "split": args.split,
                                           "decode": dataclasses.asdict(decode), "corpus": result.corpus,
                                           "coco_exact": result.coco_exact, "skipped": skipped,
-                                          "per_image": result.per_image})
+                                          "per_image": result.per_image,
+                                          **({"ablation": ablation} if ablation else {})})
         _write_json(out / "predictions.json",
                     [{"image_id": k, "caption": v} for k, v in result.predictions.items()])
         items = [{"image": ex.image or "", "audio": ex.audio, "id": ex.image_id,
@@ -346,6 +348,20 @@ def cmd_eval(args) -> int:
                               corpus=result.corpus)
         print(f"wrote {out / 'scores.json'}, {out / 'predictions.json'} (COCO results format) and {report}")
     return EXIT_OK
+
+
+def _ablate(args, captioner, examples, decode, metrics, full) -> dict[str, dict[str, float]]:
+    """--ablate: the same set captioned from each input alone, next to all inputs (what each input adds)."""
+    if len(captioner.model.modalities) < 2 or args.modalities:
+        raise CLIError("--ablate needs a captioner with two inputs and no --modalities")
+    columns = {"+".join(captioner.model.modalities): full.corpus}
+    for m in captioner.model.modalities:
+        only = [ex for ex in examples if m in ex.inputs]
+        columns[f"{m} only"] = captioner.evaluate(only, decode=decode, batch_size=args.batch_size, metrics=metrics,
+                                                  modalities=[m], num_workers=args.num_workers).corpus
+    print("\nablation (same items, each input alone):")
+    print_scores(full.corpus, coco_exact=full.coco_exact, columns=columns)
+    return columns
 
 
 def cmd_score(args) -> int:
@@ -498,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", type=_parse_list, metavar="A,B",
                    help="inputs to use, e.g. image or audio, to score what a two-input captioner says from one "
                         "input alone (default: every input the captioner takes)")
+    p.add_argument("--ablate", action="store_true", help="two-input captioners: also caption from each input "
+                                                         "alone and print the scores side by side")
     p.add_argument("--limit", type=int, help="evaluate only the first N items")
     p.add_argument("--num-workers", type=int, default=2, help="file decoding workers (default: 2)")
     p.add_argument("--strict", action="store_true", help="malformed rows in the caption set are errors")

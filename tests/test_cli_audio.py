@@ -79,6 +79,18 @@ def test_eval_from_one_input_and_spider_headline(run, scenes, tmp_path, capsys):
     assert "CIDEr" in scores["corpus"] and len(scores["per_image"]) == 12
 
 
+def test_eval_ablation_scores_each_input_alone(run, scenes, tmp_path, capsys):
+    root, _ = run
+    model = str(root / "run" / "best")
+    assert main(["eval", "--model", model, "--data", str(scenes), "--split", "test", "--ablate",
+                 "--strategy", "greedy", "--output-dir", str(tmp_path / "e"), "--num-workers", "0"]) == 0
+    assert "ablation (same items, each input alone)" in capsys.readouterr().out
+    ablation = json.loads((tmp_path / "e" / "scores.json").read_text())["ablation"]
+    assert list(ablation) == ["image+audio", "image only", "audio only"]
+    assert all("CIDEr" in v for v in ablation.values())
+    assert main(["eval", "--model", model, "--data", str(scenes), "--ablate", "--modalities", "audio"]) == 2
+
+
 def test_image_model_refuses_audio(trained_image_model, scenes, capsys):
     wav = str(sorted((Path(scenes) / "test").glob("*.wav"))[0])
     assert main(["caption", "--model", str(trained_image_model), "--audio", wav]) == 2
