@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from . import checkpoint
-from .config import MODALITIES, DecodeConfig, ModelConfig
+from .config import DecodeConfig, ModelConfig
 from .data import CaptionExample
 from .decoding import LMStepper, generate
 from .encoders import build_tokenizer
@@ -213,7 +213,7 @@ class Captioner:
 
         inputs = [{"image": it} if isinstance(it, (str, Path)) else it for it in items]
         if inputs:  # nothing to do is not an error (e.g. a resumed run that is already complete)
-            self.model.check_modalities(sorted({m for it in inputs for m in it}, key=MODALITIES.index))
+            self.model.check_modalities({m for it in inputs for m in it})
         encoders = self.model.encoders
         dataset = _InputFiles(inputs, image_preprocess=encoders["image"].preprocess if "image" in encoders else None,
                               audio_loader=encoders["audio"].loader() if "audio" in encoders else None,
@@ -247,11 +247,11 @@ class Captioner:
                  clip_scorer=None, modalities: Sequence[str] | None = None, num_workers: int = 0) -> EvalResult:
         """Caption every example and score against its references (COCO caption metrics, SPIDEr when
         SPICE is computed, plus CLIPScore / RefCLIPScore for images when a `clipscore.CLIPScorer` is
-        given). `modalities` restricts which of an example's inputs are used (e.g. ["image"] to see what a
+        given; `metrics=()` only captions). `modalities` restricts which of an example's inputs are used (e.g. ["image"] to see what a
         two-modality captioner says from the image alone); default: every input the captioner takes.
         Unreadable inputs and examples with no usable input are left out of the scores and listed in
         `skipped`."""
-        from .metrics import score_captions
+        from .metrics import CaptionScores, score_captions
 
         decode = decode or DecodeConfig()
         if modalities is not None:
@@ -281,7 +281,10 @@ class Captioner:
         kept = [ex for ex in examples if ex.image_id in predictions]
         if not kept:
             raise ImageError("no input of the caption set could be used: " + "; ".join(skipped[:3]))
-        scores = score_captions(predictions, {ex.image_id: ex.captions for ex in kept}, metrics=metrics)
+        if metrics:
+            scores = score_captions(predictions, {ex.image_id: ex.captions for ex in kept}, metrics=metrics)
+        else:  # captions only: the caller scores them its own way
+            scores = CaptionScores(corpus={}, per_image={ex.image_id: {} for ex in kept}, coco_exact=False, skipped=[])
         corpus, per_image = dict(scores.corpus), {k: dict(v) for k, v in scores.per_image.items()}
         with_image = [ex for ex in kept if ex.image is not None]
         if clip_scorer is not None and with_image:

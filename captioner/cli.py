@@ -62,12 +62,13 @@ def _parse_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), title=None) -> None:
-    """One flag per field; defaults are SUPPRESSed so only flags given by the user override a config."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), only=None, title=None) -> None:
+    """One flag per field (or per field in `only`); defaults are SUPPRESSed so only flags given by the user
+    override a config."""
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+        if f.name in skip or (only is not None and f.name not in only) or dataclasses.is_dataclass(hints[f.name]):
             continue
         hint = hints[f.name]
         if typing.get_origin(hint) is list:  # comma-separated, e.g. --modalities image,audio
@@ -133,16 +134,18 @@ def cmd_caption(args) -> int:
         from .data import read_input_table
 
         items, failures = read_input_table(args.table)
-        args.images = [it["image"] for it in items if "image" in it]
-        args.audio = [it["audio"] for it in items if "audio" in it]
-        keys = [it.get("image", it.get("audio")) for it in items]
     elif not args.images and not args.audio:
         raise CLIError("give images (files, folders, globs) and/or --audio files")
     else:
-        items, keys, failures = _caption_inputs(args.images, args.audio)
+        items, failures = _caption_inputs(args.images, args.audio)
     if args.resume and not args.output:
         raise CLIError("--resume needs --output (the file to continue)")
-    id_field = "image" if args.images else "audio"
+    # Rows are keyed by the image path, else (sounds alone, or table rows without an image) the audio path.
+    id_field = "image" if any("image" in it for it in items) else "audio"
+    keys = [it.get("image") or it["audio"] for it in items]
+    captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if items:  # before any output file is created
+        captioner.model.check_modalities({m for it in items for m in it})
     writer = errors = None
     if args.output:
         writer = ResultWriter(args.output, fmt=args.format, num_captions=decode.num_captions, resume=args.resume,
@@ -151,24 +154,21 @@ def cmd_caption(args) -> int:
         for line in failures:
             errors.add(line.split(":", 1)[0], line)
     skipped = len([k for k in keys if writer and k in writer.done])
-    todo = [it for it, k in zip(items, keys) if not (writer and k in writer.done)]
-    captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    captioner.model.check_modalities([m for m, given in (("image", args.images), ("audio", args.audio)) if given])
+    todo = [(it, k) for it, k in zip(items, keys) if not (writer and k in writer.done)]
     done = 0
     try:
         bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=len(todo) < 2 * args.batch_size)
-        results = captioner.iter_captions(todo, decode=decode, batch_size=args.batch_size,
+        results = captioner.iter_captions([it for it, _ in todo], decode=decode, batch_size=args.batch_size,
                                           max_pixels=args.max_pixels or None, num_workers=args.num_workers)
-        for i, (item, captions, error) in enumerate(results, start=1):
+        for i, ((item, captions, error), (_, key)) in enumerate(zip(results, todo), start=1):
             bar.update(1)
-            key = item.get(id_field) or item["audio"]  # a table may mix items with and without an image
             if error:
                 failures.append(error)
                 if errors:
                     errors.add(key, error)
             elif writer:
                 writer.add(key, captions, **({"audio": item["audio"]} if id_field == "image" and "audio" in item
-                                             else {}))  # the id is the image path, else the audio path
+                                             else {}))
                 done += 1
             else:
                 for c in captions:
@@ -192,9 +192,9 @@ def cmd_caption(args) -> int:
     return EXIT_FAILURES if failures else EXIT_OK
 
 
-def _caption_inputs(images: list[str], audio: list[str] | None) -> tuple[list[dict], list[str], list[str]]:
-    """Expand image and audio inputs into items {"image": path, "audio": path} (either or both), their
-    output keys, and the inputs that matched nothing. With both, the expanded lists pair in order
+def _caption_inputs(images: list[str], audio: list[str] | None) -> tuple[list[dict], list[str]]:
+    """Expand image and audio inputs into items {"image": path, "audio": path} (either or both) and the
+    inputs that matched nothing. With both, the expanded lists pair in order
     (folders in sorted order), so their counts must match."""
     from .data import collect_audio, collect_images
 
@@ -211,7 +211,7 @@ def _caption_inputs(images: list[str], audio: list[str] | None) -> tuple[list[di
         items = [{"image": i, "audio": a} for i, a in zip(image_paths, audio_paths)]
     else:
         items = [{"image": p} for p in image_paths] or [{"audio": p} for p in audio_paths]
-    return items, [it.get("image", it.get("audio")) for it in items], failures
+    return items, failures
 
 
 def _caption_sharded(args, decode) -> int:
@@ -304,6 +304,10 @@ def _clip_scorer(args, captioner):
                   "pass --clip-score-model NAME --clip-score-pretrained TAG")
 
 
+# TrainConfig fields that say how a caption set is read: `eval` takes the same flags (help text lives there).
+DATA_FIELDS = ("image_root", "image_column", "caption_column", "audio_column", "audio_root", "strict")
+
+
 def cmd_eval(args) -> int:
     from .api import Captioner
     from .data import load_caption_set
@@ -311,9 +315,10 @@ def cmd_eval(args) -> int:
 
     decode = config_from_args(DecodeConfig, args)
     captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    examples, _ = load_caption_set(args.data, args.split, strict=args.strict, image_root=args.image_root,
-                                   image_column=args.image_column, caption_column=args.caption_column,
-                                   audio_root=args.audio_root, audio_column=args.audio_column)
+    from .training import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in DATA_FIELDS}
+    examples, _ = load_caption_set(args.data, args.split, **{f: getattr(args, f, defaults[f]) for f in DATA_FIELDS})
     if args.limit:
         examples = examples[: args.limit]
     with_audio = any(ex.audio for ex in examples)
@@ -503,14 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "Karpathy split JSON, a CSV/TSV/JSONL table, or a Hugging Face "
                                                  "dataset (save_to_disk folder, parquet, hf:NAME)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--image-root", help="folder image paths start from (COCO/Karpathy files; default: the "
-                                        "file's folder)")
-    p.add_argument("--image-column", help="image column of a table or Hugging Face dataset (default: auto)")
-    p.add_argument("--caption-column", help="caption column of a table or Hugging Face dataset (default: auto)")
-    p.add_argument("--audio-column", help="audio column of a table or Hugging Face dataset (default: auto: an "
-                                          "Audio feature, audio, audio_file)")
-    p.add_argument("--audio-root", help="folder the audio files are in (Clotho/AudioCaps CSVs; default: the "
-                                        "CSV's folder)")
+    add_dataclass_flags(p, TrainConfig, only=DATA_FIELDS, title="caption set columns and folders")
     p.add_argument("--modalities", type=_parse_list, metavar="A,B",
                    help="inputs to use, e.g. image or audio, to score what a two-input captioner says from one "
                         "input alone (default: every input the captioner takes)")
@@ -518,7 +516,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "alone and print the scores side by side")
     p.add_argument("--limit", type=int, help="evaluate only the first N items")
     p.add_argument("--num-workers", type=int, default=2, help="file decoding workers (default: 2)")
-    p.add_argument("--strict", action="store_true", help="malformed rows in the caption set are errors")
     p.add_argument("--output-dir", help="write scores.json, predictions.json and report.html here")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")
     p.add_argument("--clip-score-model", help="open_clip model for CLIPScore (default: the captioner's own "

@@ -1308,7 +1308,7 @@ def match_prediction_ids(predictions: dict[str, str], references: dict[str, list
     return out
 
 
-INPUT_COLUMNS = {"image": ("image", "file_name"), "audio": ("audio", "audio_file")}
+INPUT_COLUMNS = {"image": ("image", "file_name"), "audio": TABLE_AUDIO_COLUMNS}  # no id columns: paths only
 
 
 def read_input_table(path: str | Path) -> tuple[list[dict[str, str]], list[str]]:

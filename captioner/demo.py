@@ -112,16 +112,20 @@ def run_audio_demo(output_dir: str | Path = "demo_audio_out", *, epochs: int = 1
     test_ex, _ = read_imagefolder(data, "test")
     refs = {ex.image_id: ex.captions for ex in test_ex}
     decode = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=24)
-    results = {name: captioner.evaluate(test_ex, decode=decode, modalities=mods, metrics=("CIDEr",))
-               for name, mods in (("both", None), ("image", ["image"]), ("audio", ["audio"]))}
-    preds = {name: r.predictions for name, r in results.items()}
+    # Captions only (metrics=()); every number below is scored once, with the same tokeniser.
+    preds = {name: captioner.evaluate(test_ex, decode=decode, modalities=mods, metrics=()).predictions
+             for name, mods in (("both", None), ("image", ["image"]), ("audio", ["audio"]))}
     exact = False  # pure-Python tokenisation: fast and identical across the runs compared here
 
+    def scores(predictions, references):
+        return score_captions(predictions, references, metrics=("CIDEr",), use_java=exact)
+
     def cider(predictions, references):
-        return score_captions(predictions, references, metrics=("CIDEr",), use_java=exact).corpus["CIDEr"]
+        return scores(predictions, references).corpus["CIDEr"]
 
     frequent = most_frequent_caption(train_ex)
-    whole = {name: cider(p, refs) for name, p in preds.items()}
+    both = scores(preds["both"], refs)  # per-item scores for the report
+    whole = {"both": both.corpus["CIDEr"], **{name: cider(preds[name], refs) for name in ("image", "audio")}}
     whole["baseline"] = cider({k: frequent for k in refs}, refs)
     parts, baselines = {}, {"caption": frequent}
     for side, name in ((0, "image"), (1, "audio")):
@@ -136,7 +140,7 @@ def run_audio_demo(output_dir: str | Path = "demo_audio_out", *, epochs: int = 1
         {"image": ex.image, "audio": ex.audio, "id": ex.image_id, "references": ex.captions,
          "prediction": f"{preds['both'][ex.image_id]} | image only: {preds['image'][ex.image_id]} | "
                        f"audio only: {preds['audio'][ex.image_id]}",
-         "scores": results["both"].per_image[ex.image_id]} for ex in test_ex],
+         "scores": both.per_image[ex.image_id]} for ex in test_ex],
         title="captioner offline audio demo: scenes test split (both inputs | image only | audio only)",
         corpus={f"CIDEr {k}": v for k, v in whole.items()})
     return AudioDemoResult(whole=whole, parts=parts, baselines=baselines, coco_exact=exact, samples=samples,

@@ -141,6 +141,14 @@ def build_image_encoder(config: ModelConfig, *, load_weights: bool = True) -> Im
     return ImageEncoder(visual=visual, preprocess=preprocess, image_size=image_size)
 
 
+def build_audio_encoder_from_config(config: ModelConfig, *, load_weights: bool = True) -> nn.Module:
+    """The frozen audio encoder a ModelConfig names (see audio.py for the encoders themselves)."""
+    from .audio import build_audio_encoder  # local: audio.py imports this module
+
+    return build_audio_encoder(config.audio_encoder, config.audio_model, config=config.audio_config,
+                               load_weights=load_weights, whisper_pool=config.whisper_pool or None)
+
+
 def create_open_clip(model_name: str, pretrained: str | None, *, needs_hub: bool | None = None,
                      hint: str = OFFLINE_HINT, purpose: str = ""):
     """(model, eval transform) from open_clip by name; offline, only the local cache is tried and a

@@ -54,19 +54,25 @@ def audio_encoder_key(config, preprocess) -> str:
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-class _Inputs(Dataset):
-    """path -> encoder input: `load(path)` when given, else `preprocess(load_image(path))`."""
+class _ImageFile:
+    """path -> preprocessed image (3, H, W); picklable, for DataLoader workers."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable | None, load: Callable | None = None):
-        self.paths, self.preprocess, self.load = paths, preprocess, load
+    def __init__(self, preprocess: Callable):
+        self.preprocess = preprocess
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return self.preprocess(load_image(path))
+
+
+class _Inputs(Dataset):
+    def __init__(self, paths: Sequence[str], load: Callable):
+        self.paths, self.load = paths, load
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        if self.load is not None:
-            return self.load(self.paths[i])  # e.g. audio: {"input_features": ..., ...}
-        return self.preprocess(load_image(self.paths[i]))  # (3, H, W)
+        return self.load(self.paths[i])
 
 
 class FeatureCache:
@@ -76,7 +82,6 @@ class FeatureCache:
         self.dir = Path(root) / key
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
-        self.load: Callable | None = None  # set by get(): path -> encoder input
         meta = self.dir / "meta.json"
         if meta.exists():
             stored = json.loads(meta.read_text())
@@ -108,14 +113,14 @@ class FeatureCache:
         """Features (N, dim) for `paths` (duplicates allowed), encoding only what the cache lacks.
         Each file becomes encoder input through `load(path)` (picklable, for workers) when given, else
         `preprocess(load_image(path))`."""
-        self.load = load
+        load = load or _ImageFile(preprocess)
         keys = [image_key(p) for p in paths]
         index = self.index()
-        self._resume_unfinished(index, encode, preprocess, batch_size, num_workers, device, desc)
+        self._resume_unfinished(index, encode, load, batch_size, num_workers, device, desc)
         index = self.index()
         todo = list(dict.fromkeys(p for p, k in zip(paths, keys) if k not in index))  # unique, ordered
         if todo:
-            self._extract(todo, [image_key(p) for p in todo], encode, preprocess, batch_size, num_workers,
+            self._extract(todo, [image_key(p) for p in todo], encode, load, batch_size, num_workers,
                           device, desc)
             index = self.index()
         out = np.empty((len(paths), self.dim), dtype=np.float32)
@@ -124,16 +129,16 @@ class FeatureCache:
             out[i] = feats[row]
         return torch.from_numpy(out)
 
-    def _resume_unfinished(self, index, encode, preprocess, batch_size, num_workers, device, desc):
+    def _resume_unfinished(self, index, encode, load, batch_size, num_workers, device, desc):
         for stem, keys, _, done in self._shards():
             missing = [r for r in range(len(keys)) if not done[r]]
             if missing:
                 paths = [k.split("|", 1)[0] for k in keys]
                 logger.info("resuming feature extraction %s: %d of %d images left", stem.name, len(missing), len(keys))
-                self._fill(stem, [paths[r] for r in missing], missing, encode, preprocess, batch_size,
+                self._fill(stem, [paths[r] for r in missing], missing, encode, load, batch_size,
                            num_workers, device, desc)
 
-    def _extract(self, paths, keys, encode, preprocess, batch_size, num_workers, device, desc):
+    def _extract(self, paths, keys, encode, load, batch_size, num_workers, device, desc):
         n = len(list(self.dir.glob("shard-*.json")))
         stem = self.dir / f"shard-{n:05d}"
         np.lib.format.open_memmap(f"{stem}.npy", mode="w+", dtype=np.float32, shape=(len(paths), self.dim)).flush()
@@ -141,11 +146,11 @@ class FeatureCache:
         tmp = Path(f"{stem}.json.tmp")
         tmp.write_text(json.dumps(keys))
         os.replace(tmp, f"{stem}.json")  # the shard exists only once its key list is complete
-        self._fill(stem, paths, list(range(len(paths))), encode, preprocess, batch_size, num_workers, device, desc)
+        self._fill(stem, paths, list(range(len(paths))), encode, load, batch_size, num_workers, device, desc)
 
-    def _fill(self, stem, paths, rows, encode, preprocess, batch_size, num_workers, device, desc):
+    def _fill(self, stem, paths, rows, encode, load, batch_size, num_workers, device, desc):
         feats = np.load(f"{stem}.npy", mmap_mode="r+")
-        loader = DataLoader(_Inputs(paths, preprocess, self.load), batch_size=batch_size, num_workers=num_workers,
+        loader = DataLoader(_Inputs(paths, load), batch_size=batch_size, num_workers=num_workers,
                             pin_memory=torch.cuda.is_available(), shuffle=False)
         t0, seen = time.perf_counter(), 0
         with open(f"{stem}.done", "r+b") as done, tqdm(total=len(paths), desc=desc, unit="file") as bar:

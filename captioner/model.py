@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import MODALITIES, ModelConfig
-from .encoders import build_image_encoder, build_lm
+from .encoders import build_audio_encoder_from_config, build_image_encoder, build_lm
 from .mapping import build_mapper
 
 IGNORE_INDEX = -100
@@ -97,8 +97,9 @@ class CaptionModel(nn.Module):
         return self.encoders["image"](images)  # (B, F)
 
     def check_modalities(self, given) -> None:
-        """ModalityError unless `given` is a non-empty subset of the trained modalities."""
-        extra = [m for m in given if m not in self.modalities]
+        """ModalityError unless `given` (any iterable of names) is a non-empty subset of the trained modalities."""
+        given = set(given)
+        extra = [m for m in MODALITIES if m in given and m not in self.modalities] + sorted(given - set(MODALITIES))
         if extra:
             raise ModalityError(
                 f"this captioner was trained on {' + '.join(self.modalities)} only; it cannot use "
@@ -137,9 +138,10 @@ class CaptionModel(nn.Module):
             segments.append(embed(self.prompt_ids).unsqueeze(0).expand(b, -1, -1))  # (B, Tp, D)
             keep.append(torch.ones(b, self.prompt_ids.numel(), dtype=torch.bool, device=segments[0].device))
         prefix, keep = torch.cat(segments, dim=1), torch.cat(keep, dim=1)  # (B, Q, D), (B, Q)
-        if bool(keep.all()):
+        if present is None or len(features) == 1:  # every row has every given input (a row has at least one)
             return prefix, None
-        # Absent segments out, real positions to the right (stable sort keeps their order).
+        # Absent segments out, real positions to the right (stable sort keeps their order). Done even when
+        # nothing is absent: checking would wait for the GPU on every training step.
         order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # (B, Q)
         prefix = prefix.gather(1, order[..., None].expand(-1, -1, prefix.shape[-1]))
         return prefix, keep.gather(1, order).long()
@@ -164,9 +166,3 @@ class CaptionModel(nn.Module):
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
         return CaptionOutput(loss=out.loss, logits=out.logits)
 
-
-def build_audio_encoder_from_config(config: ModelConfig, *, load_weights: bool = True) -> nn.Module:
-    from .audio import build_audio_encoder
-
-    return build_audio_encoder(config.audio_encoder, config.audio_model, config=config.audio_config,
-                               load_weights=load_weights, whisper_pool=config.whisper_pool or None)
