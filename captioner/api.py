@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -21,10 +22,11 @@ from PIL import Image
 from . import checkpoint
 from .config import DecodeConfig, ModelConfig
 from .data import CaptionExample
-from .decoding import LMStepper, generate
+from .decoding import LMStepper, StaticCacheStepper, generate
 from .encoders import build_tokenizer
 from .audio import AudioError, load_audio
 from .images import MAX_PIXELS, ImageError, load_image
+from .jpeg import JpegPipeline, TensorPreprocess, read_jpeg
 from .model import CaptionModel
 from .tokens import decode_ids, encode_prompt, pad_id
 
@@ -43,13 +45,30 @@ class EvalResult:
     skipped: list[str]  # metrics not computed, and why; images that could not be read
 
 
+@dataclasses.dataclass
+class _Jpeg:
+    """An image left encoded by the loader, for the main process to decode on the device (jpeg.py)."""
+
+    data: torch.Tensor  # uint8 (N,) file bytes
+    name: str
+
+
 class _InputFiles(torch.utils.data.Dataset):
     """Item i -> (i, {modality: preprocessed input}, None), or (i, None, "PATH: reason") when a file cannot
-    be read. Runs in DataLoader workers, so it holds only picklable preprocessing, not the model."""
+    be read. Runs in DataLoader workers, so it holds only picklable preprocessing, not the model. With
+    `jpegs`, plain JPEG files come back as `_Jpeg` bytes instead of preprocessed tensors."""
 
-    def __init__(self, items: list[dict], *, image_preprocess, audio_loader, max_pixels: int | None):
+    def __init__(self, items: list[dict], *, image_preprocess, audio_loader, max_pixels: int | None,
+                 jpegs: bool = False):
         self.items, self.image_preprocess, self.audio_loader = items, image_preprocess, audio_loader
-        self.max_pixels = max_pixels
+        self.max_pixels, self.jpegs = max_pixels, jpegs
+
+    def _image(self, path):
+        if self.jpegs and isinstance(path, (str, Path)):
+            data = read_jpeg(path, max_pixels=self.max_pixels)
+            if data is not None:
+                return _Jpeg(data, os.fsdecode(path))
+        return self.image_preprocess(load_image(path, max_pixels=self.max_pixels))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -58,11 +77,25 @@ class _InputFiles(torch.utils.data.Dataset):
         try:
             out = {}
             for m, path in self.items[i].items():
-                out[m] = (self.image_preprocess(load_image(path, max_pixels=self.max_pixels)) if m == "image"
-                          else self.audio_loader(path))
+                out[m] = self._image(path) if m == "image" else self.audio_loader(path)
             return i, out, None
         except (ImageError, AudioError) as e:
             return i, None, str(e)
+
+
+def _decode_jpegs(batch: list, pipeline: JpegPipeline) -> list:
+    """Decode a loader batch's `_Jpeg` images on the device in one call; a file that cannot be decoded
+    becomes that item's error, as in the PIL path."""
+    slots = [(j, item[1]["image"]) for j, item in enumerate(batch)
+             if item[1] is not None and isinstance(item[1].get("image"), _Jpeg)]
+    if not slots:
+        return batch
+    images = pipeline([jp.data for _, jp in slots], [jp.name for _, jp in slots])
+    batch = list(batch)
+    for (j, _), image in zip(slots, images):
+        i, tensors, _ = batch[j]
+        batch[j] = (i, None, str(image)) if isinstance(image, ImageError) else (i, {**tensors, "image": image}, None)
+    return batch
 
 
 def _is_one(images, audio) -> bool:
@@ -88,6 +121,7 @@ class Captioner:
         self.model.to(self.device)
         if dtype is not None:
             self.model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        self._static_steppers: dict[tuple, StaticCacheStepper] = {}  # kept: they hold caches and compiled steps
 
     # ------------------------------------------------------------------ construction
 
@@ -160,11 +194,20 @@ class Captioner:
             else:
                 features = {m: f.to(self.device) for m, f in features.items()}
             embeds, _ = self.model.prefix_embeds(features)  # (B, Q, D); no absent segments
-            out = generate(LMStepper(self.model.lm, use_cache=decode.use_cache), embeds, decode,
+            out = generate(self._stepper(decode), embeds, decode,
                            eos_id=self.tokenizer.eos_token_id, pad_id=pad_id(self.tokenizer))
         finally:
             self.model.train(was_training)
         return [[decode_ids(self.tokenizer, seq.tolist()) for seq in row] for row in out.tokens]
+
+    def _stepper(self, decode: DecodeConfig):
+        if not (decode.static_cache or decode.compile):
+            return LMStepper(self.model.lm, use_cache=decode.use_cache)
+        key = (decode.max_new_tokens, decode.compile)
+        if key not in self._static_steppers:
+            self._static_steppers[key] = StaticCacheStepper(self.model.lm, max_new_tokens=decode.max_new_tokens,
+                                                            compile=decode.compile)
+        return self._static_steppers[key]
 
     def caption_rows(self, features: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
                      decode: DecodeConfig | None = None) -> list[list[str]]:
@@ -202,25 +245,32 @@ class Captioner:
         return results[0] if single else results
 
     def iter_captions(self, items: Sequence[str | dict], *, decode: DecodeConfig | None = None, batch_size: int = 32,
-                      max_pixels: int | None = MAX_PIXELS, num_workers: int = 0
+                      max_pixels: int | None = MAX_PIXELS, num_workers: int = 0, jpeg_on_device: bool | None = None
                       ) -> Iterator[tuple[Any, list[str] | None, str | None]]:
         """Stream (item, captions, error) in input order over many inputs: image paths, or dicts
         {"image": path, "audio": path} with either or both. Files are read and preprocessed by
         `num_workers` DataLoader workers (0: in this process) while the model captions the previous
         batch. Unreadable files (and images over `max_pixels`) yield an error and the rest of the batch is
-        still captioned. Memory does not grow with the number of inputs."""
+        still captioned. Memory does not grow with the number of inputs.
+
+        jpeg_on_device: workers only read plain JPEG files and the batch is decoded and preprocessed on the
+        captioner's device (nvjpeg on CUDA; see jpeg.py: pixels can differ from PIL's by a level or two).
+        Default: on when the captioner runs on CUDA."""
         from torch.utils.data import DataLoader
 
         inputs = [{"image": it} if isinstance(it, (str, Path)) else it for it in items]
         if inputs:  # nothing to do is not an error (e.g. a resumed run that is already complete)
             self.model.check_modalities({m for it in inputs for m in it})
         encoders = self.model.encoders
+        pipeline = self._jpeg_pipeline(jpeg_on_device)
         dataset = _InputFiles(inputs, image_preprocess=encoders["image"].preprocess if "image" in encoders else None,
                               audio_loader=encoders["audio"].loader() if "audio" in encoders else None,
-                              max_pixels=max_pixels)
+                              max_pixels=max_pixels, jpegs=pipeline is not None)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
                             pin_memory=self.device.type == "cuda", prefetch_factor=4 if num_workers else None)
         for batch in loader:
+            if pipeline is not None:
+                batch = _decode_jpegs(batch, pipeline)
             groups: dict[tuple, list[int]] = {}
             for j, (_, tensors, error) in enumerate(batch):
                 if error is None:
@@ -232,12 +282,23 @@ class Captioner:
             for j, (i, _, error) in enumerate(batch):
                 yield items[i], captions.get(j), error
 
+    def _jpeg_pipeline(self, on_device: bool | None) -> JpegPipeline | None:
+        if on_device is None:
+            on_device = self.device.type == "cuda"
+        if not on_device or "image" not in self.model.encoders:
+            return None
+        preprocess = TensorPreprocess.from_transform(self.model.encoders["image"].preprocess)
+        if preprocess is None:
+            logger.info("image preprocessing has steps the device JPEG path does not mirror: decoding with PIL")
+            return None
+        return JpegPipeline(preprocess, self.device)
+
     @torch.no_grad()
     def _encode_tensors(self, modality: str, inputs: list) -> torch.Tensor:
         """Features (B, F) of preprocessed inputs: image tensors (3, H, W), or audio input dicts."""
         encoder = self.model.encoders[modality]
-        if modality == "image":
-            return self.model.encode_images(torch.stack(inputs).to(self.device, non_blocking=True))  # (B, 3, H, W)
+        if modality == "image":  # (B, 3, H, W); images decoded on the device are there already
+            return self.model.encode_images(torch.stack([x.to(self.device, non_blocking=True) for x in inputs]))
         return encoder({k: torch.stack([x[k] for x in inputs]) for k in inputs[0]})
 
     # ------------------------------------------------------------------ evaluation

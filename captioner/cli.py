@@ -159,7 +159,8 @@ def cmd_caption(args) -> int:
     try:
         bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=len(todo) < 2 * args.batch_size)
         results = captioner.iter_captions([it for it, _ in todo], decode=decode, batch_size=args.batch_size,
-                                          max_pixels=args.max_pixels or None, num_workers=args.num_workers)
+                                          max_pixels=args.max_pixels or None, num_workers=args.num_workers,
+                                          jpeg_on_device=args.jpeg_on_device)
         for i, ((item, captions, error), (_, key)) in enumerate(zip(results, todo), start=1):
             bar.update(1)
             if error:
@@ -483,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--files-per-shard", type=int, default=1000, help="loose image files per shard (default: 1000)")
     p.add_argument("--num-workers", type=int, default=2, help="file decoding workers per process, reading the next "
                                                               "batches while the model captions this one (default: 2)")
+    p.add_argument("--jpeg-on-device", action=argparse.BooleanOptionalAction, default=None,
+                   help="workers only read plain JPEG files; they are decoded and resized on the device in batches "
+                        "(nvjpeg on CUDA; pixels may differ from PIL's by a level or two; not in sharded mode). "
+                        "Default: on with CUDA")
     g.add_argument("--write-shards", choices=["txt", "json"], help="also write WebDataset tars with a caption "
                                                                   "member per key to DIR/wds")
     add_captioning_flags(p, cmd_caption)

@@ -145,6 +145,12 @@ class DecodeConfig:
     seed: int | None = _doc("Sampling: random seed for reproducible captions.", default=None)
     use_cache: bool = _doc("Reuse attention keys/values between steps (KV cache). Off only for debugging.",
                            default=True)
+    static_cache: bool = _doc("Preallocate the KV cache for the whole caption and reorder it in place, so every "
+                              "step has the same shapes (what --compile needs; no gain on its own on CPU).",
+                              default=False)
+    compile: bool = _doc("torch.compile the LM step over a static KV cache; on CUDA as CUDA graphs (one launch "
+                         "per step). Each new batch size compiles first (tens of seconds): for long GPU runs.",
+                         default=False)
 
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "beam", "sample"):
@@ -159,6 +165,8 @@ class DecodeConfig:
             raise ConfigError("greedy decoding returns one caption per image; use beam or sample")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if (self.static_cache or self.compile) and not self.use_cache:
+            raise ConfigError("static_cache and compile need the KV cache (use_cache)")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 

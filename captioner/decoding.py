@@ -64,6 +64,72 @@ class LMStepper:
         return state.index_select(0, index)
 
 
+class StaticCacheStepper(LMStepper):
+    """KV-cached stepper whose cache is preallocated for the whole caption (prefix + max_new_tokens) and
+    reordered in place: every step has the same shapes and buffer addresses, which is what lets the step
+    be compiled (`compile=True`: torch.compile; on CUDA with CUDA graphs, so a step is one graph launch
+    instead of hundreds of kernel launches from Python). One instance serves many batches: caches are
+    kept per (rows, length, dtype, device) and reset, so compiled graphs are reused.
+
+    The prefix is run uncompiled with a growing cache (its length varies), then copied into the static
+    cache by the first `select` (beam search's expansion to B * K rows) or the first `step`."""
+
+    def __init__(self, lm: torch.nn.Module, *, max_new_tokens: int, compile: bool = False):
+        super().__init__(lm, use_cache=True)
+        self.max_new_tokens = max_new_tokens
+        self.caches: dict[tuple, Any] = {}
+        self.cuda_graphs = False
+        self.forward = lm.forward
+        if compile:
+            cuda = next(lm.parameters()).is_cuda
+            self.cuda_graphs = cuda
+            self.forward = torch.compile(lm.forward, mode="reduce-overhead" if cuda else None, fullgraph=True,
+                                         dynamic=False)
+
+    def prefill(self, embeds):
+        self.prefix_len = self.length = embeds.shape[1]  # positions filled so far (no GPU sync to learn it)
+        return self._cached(inputs_embeds=embeds, logits_to_keep=1)  # a DynamicCache of the prefix
+
+    def _static(self, rows: int, like: torch.Tensor):
+        from transformers import StaticCache
+
+        key = (rows, self.prefix_len + self.max_new_tokens, like.dtype, like.device)
+        if key not in self.caches:
+            self.caches[key] = StaticCache(config=self.lm.config, max_cache_len=key[1])
+        cache = self.caches[key]
+        cache.reset()
+        return cache
+
+    def select(self, state, index):
+        from transformers import StaticCache
+
+        if not isinstance(state, StaticCache) or index.numel() != state.layers[0].keys.shape[0]:
+            layers = [(layer.keys, layer.values) for layer in state.layers]  # (rows, heads, length, dim) each
+            static = self._static(index.numel(), layers[0][0])
+            n = self.length
+            for i, (k, v) in enumerate(layers):
+                static.update(k[:, :, :n].index_select(0, index), v[:, :, :n].index_select(0, index), i)
+            return static
+        n = self.length
+        for layer in state.layers:  # in place: compiled graphs hold these buffers' addresses
+            layer.keys[:, :, :n] = layer.keys[:, :, :n].index_select(0, index)
+            layer.values[:, :, :n] = layer.values[:, :, :n].index_select(0, index)
+        return state
+
+    def step(self, tokens, state):
+        from transformers import StaticCache
+
+        if not isinstance(state, StaticCache):
+            state = self.select(state, torch.arange(tokens.shape[0], device=tokens.device))
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        ids = tokens.reshape(-1, 1).contiguous()  # (rows, 1): same strides every step, or compile re-traces
+        out = self.forward(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: state})
+        self.length += 1
+        # A CUDA graph overwrites its outputs on the next replay: keep a copy.
+        return out.logits[:, -1].float().clone(), state
+
+
 @dataclass
 class Generated:
     tokens: torch.Tensor  # (B, N, T) generated ids, EOS kept, then pad

@@ -6,6 +6,7 @@ values) and measures in one run:
     every system does equal work) at several batch sizes and precisions, through
       ours: Captioner.caption_features (the code `captioner caption` runs: prefix, batched KV-cached
             search, detokenisation),
+      compiled: the same with `--compile` (static KV cache + torch.compile; CUDA graphs on GPU), GPU default,
       hf:   transformers generate(inputs_embeds=...) on the same prefixes,
       ref:  eval/reference_decoder.py, the way ClipCap decodes (one image at a time, no KV cache);
   - end-to-end `captioner caption` over a folder of generated JPEGs (decode, resize, encode, caption,
@@ -82,8 +83,9 @@ def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, devi
     dtype = next(cap.model.mappers["image"].parameters()).dtype
     feats = torch.randn(max(batch, ref_images), dim, device=device, dtype=dtype)[:batch if system != "ref" else None]
     beams = 5 if strategy == "beam" else 1
-    if system == "ours":
-        cfg = DecodeConfig(strategy=strategy, num_beams=beams, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    if system in ("ours", "compiled"):
+        cfg = DecodeConfig(strategy=strategy, num_beams=beams, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                           compile=system == "compiled")  # the users' --compile: static KV cache, CUDA graphs
 
         def run():
             out = cap.caption_features(feats, cfg)
@@ -111,7 +113,7 @@ def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, devi
                 assert len(decode(cap.model.lm, embeds[i:i + 1], steps=STEPS, stop_id=eos, force=True)) == STEPS
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    run() if system != "ref" else None  # warm-up (kernels, allocator); the reference is too slow to repeat
+    run() if system != "ref" else None  # warm-up (kernels, allocator, compilation); the reference is too slow
     seconds = timed(run, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return {"system": system, "strategy": strategy, "batch": batch, "images": n, "seconds": seconds,
@@ -119,7 +121,7 @@ def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, devi
 
 
 def bench_folder(cap: Captioner, work: Path, *, images: int, batch: int, device: str, precision: str,
-                 workers: int) -> dict:
+                 workers: int, compile: bool) -> dict:
     from PIL import Image
 
     from captioner.cli import main as cli
@@ -133,11 +135,11 @@ def bench_folder(cap: Captioner, work: Path, *, images: int, batch: int, device:
     argv = ["caption", str(folder), "--model", str(work / "model"), "-o", str(work / "out.jsonl"), "--overwrite",
             "--batch-size", str(batch), "--strategy", "beam", "--num-beams", "5", "--max-new-tokens", str(STEPS),
             "--min-new-tokens", str(STEPS), "--device", device, "--num-workers", str(workers),
-            "--dtype", "bfloat16" if precision == "bf16" else "float32"]
+            "--dtype", "bfloat16" if precision == "bf16" else "float32", *(["--compile"] if compile else [])]
     seconds = timed(lambda: cli(argv), device)  # model loading included
     rows = sum(1 for _ in open(work / "out.jsonl"))
     return {"images": rows, "seconds": seconds, "images_per_s": rows / seconds, "batch": batch,
-            "precision": precision, "workers": workers}
+            "precision": precision, "workers": workers, "compile": compile}
 
 
 def main(argv=None) -> int:
@@ -153,6 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="JPEG decoding workers of the end-to-end folder run")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu,
+                   help="also measure --compile decoding (static KV cache + torch.compile, CUDA graphs on GPU; "
+                        "default on GPU only: on CPU it compiles for minutes and gains nothing)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     device = "cuda" if gpu else "cpu"
@@ -161,7 +166,7 @@ def main(argv=None) -> int:
         cap = build(device, precision)
         for strategy in ("greedy", "beam"):
             for batch in map(int, args.batch_sizes.split(",")):
-                for system in ("ours", "hf", "ref"):
+                for system in ("ours", "compiled", "hf", "ref") if args.compile else ("ours", "hf", "ref"):
                     if system == "hf" and batch > args.hf_max_batch:
                         continue
                     if system == "ref" and batch != int(args.batch_sizes.split(",")[0]):
@@ -175,7 +180,7 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = bench_folder(cap, Path(tmp), images=args.folder_images,
                                       batch=max(map(int, args.batch_sizes.split(","))), device=device,
-                                      precision=precision, workers=args.workers)
+                                      precision=precision, workers=args.workers, compile=args.compile)
         del cap
     if not args.skip_train:
         import bench_train
@@ -194,29 +199,32 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"\ndecode throughput, ViT-B-32 + GPT-2 124M (random weights), prefix 10, exactly {STEPS} new tokens, "
           f"device {dev_name}")
-    print(f"{'precision':<10}{'strategy':<9}{'batch':>6}{'ours img/s':>12}{'hf img/s':>11}{'ref img/s':>11}"
-          f"{'ours/ref':>10}{'ours/hf':>9}{'peak GiB':>10}")
+    print(f"{'precision':<10}{'strategy':<9}{'batch':>6}{'ours img/s':>12}{'compiled':>10}{'hf img/s':>11}"
+          f"{'ref img/s':>11}{'best/ref':>10}{'best/hf':>9}{'peak GiB':>10}")
     ref = {(r["precision"], r["strategy"]): r["images_per_s"] for r in rows if r["system"] == "ref"}
     # the reference decodes one image at a time, so one number per precision and strategy serves every batch
     for r in rows:
         if r["system"] != "ours":
             continue
         key = (r["precision"], r["strategy"], r["batch"])
-        hf = next((x["images_per_s"] for x in rows if x["system"] == "hf" and
-                   (x["precision"], x["strategy"], x["batch"]) == key), None)
+        hf, comp = (next((x for x in rows if x["system"] == name and (x["precision"], x["strategy"], x["batch"]) == key),
+                         None) for name in ("hf", "compiled"))
+        hf = hf and hf["images_per_s"]
         rf = ref.get(key[:2])
-        ips = r["images_per_s"]
-        peak = f"{r['peak_gpu_gib']:.2f}" if r["peak_gpu_gib"] is not None else "-"
+        best = max((r, comp) if comp else (r,), key=lambda x: x["images_per_s"])  # ratios of our faster path
+        ips = best["images_per_s"]
+        peak = f"{best['peak_gpu_gib']:.2f}" if best["peak_gpu_gib"] is not None else "-"
+        comp_s = f"{comp['images_per_s']:.2f}" if comp else "-"
         hf_s = f"{hf:.2f}" if hf else "-"
         rf_s = f"{rf:.3f}" if rf else "-"
         vs_ref = f"{ips / rf:.1f}x" if rf else "-"
         vs_hf = f"{ips / hf:.2f}x" if hf else "-"
-        print(f"{r['precision']:<10}{r['strategy']:<9}{r['batch']:>6}{ips:>12.2f}{hf_s:>11}{rf_s:>11}"
-              f"{vs_ref:>10}{vs_hf:>9}{peak:>10}")
+        print(f"{r['precision']:<10}{r['strategy']:<9}{r['batch']:>6}{r['images_per_s']:>12.2f}{comp_s:>10}{hf_s:>11}"
+              f"{rf_s:>11}{vs_ref:>10}{vs_hf:>9}{peak:>10}")
     if folder:
         print(f"\nend to end: captioner caption over {folder['images']} JPEGs (256x256, beam 5, {STEPS} tokens, "
-              f"batch {folder['batch']}, {folder['precision']}, {folder['workers']} decoding workers, model loading "
-              f"included): {folder['images_per_s']:.2f} images/s")
+              f"batch {folder['batch']}, {folder['precision']}, {folder['workers']} decoding workers"
+              f"{', --compile' if folder['compile'] else ''}, model loading included): {folder['images_per_s']:.2f} images/s")
     if train:
         for t in train:
             print(f"training: MLP mapper + fine-tuned GPT-2 124M, cached features, {t['precision']}: "

@@ -7,6 +7,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny captioners run on CPU; eval/gpu_bench.sh sets cuda to run the decoding tests on a GPU.
+DEVICE = os.environ.get("CAPTIONER_TEST_DEVICE", "cpu")
 
 CAPTIONS = ["a red circle at the top left", "a blue square in the center", "a green triangle at the bottom right",
             "a small yellow circle in the top right corner", "there is a large blue triangle at the bottom left"]
@@ -26,7 +28,7 @@ def make_captioner(tokenizer):
 
     def make(seed=0, **overrides):
         torch.manual_seed(seed)
-        return Captioner.from_config(tiny_config(tokenizer, **overrides), tokenizer=tokenizer, device="cpu")
+        return Captioner.from_config(tiny_config(tokenizer, **overrides), tokenizer=tokenizer, device=DEVICE)
     return make
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from captioner.config import DecodeConfig
-from captioner.decoding import LMStepper, beam_search, generate, sample_token
+from captioner.decoding import LMStepper, StaticCacheStepper, beam_search, generate, sample_token
 
 EOS, PAD = 0, 0
 START = -1
@@ -173,7 +173,7 @@ def test_finished_rows_emit_pad_and_decoding_stops():
 @pytest.fixture
 def tiny(make_captioner):
     cap = make_captioner(seed=4)
-    feats = torch.randn(5, cap.model.image_encoder.output_dim)
+    feats = torch.randn(5, cap.model.image_encoder.output_dim).to(cap.device)
     return cap, feats
 
 
@@ -199,3 +199,46 @@ def test_batch_composition_does_not_change_captions(tiny, strategy):
     assert together == alone
     reversed_ = cap.caption_features(feats.flip(0), cfg)
     assert reversed_[::-1] == together
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_static_cache_equals_growing_cache(tiny, strategy):
+    cap, feats = tiny
+    cfg = DecodeConfig(strategy=strategy, num_beams=3, num_captions=2 if strategy != "greedy" else 1,
+                       max_new_tokens=8, seed=0, top_p=0.95)
+    embeds = cap.model.prefix_embeds(feats)[0].detach()
+    stepper = StaticCacheStepper(cap.model.lm, max_new_tokens=cfg.max_new_tokens)
+    with torch.no_grad():
+        dynamic = generate(LMStepper(cap.model.lm), embeds, cfg, eos_id=0, pad_id=0)
+        fewer = generate(LMStepper(cap.model.lm), embeds[:2], cfg, eos_id=0, pad_id=0)
+        for rows, expected in ((embeds, dynamic), (embeds[:2], fewer), (embeds, dynamic)):
+            static = generate(stepper, rows, cfg, eos_id=0, pad_id=0)  # the same stepper: caches reset, reused
+            assert torch.equal(static.tokens, expected.tokens)
+            torch.testing.assert_close(static.scores, expected.scores, atol=1e-5, rtol=1e-5)
+    assert len(stepper.caches) == 2  # one per row count
+
+
+def test_static_cache_reorders_in_place(tiny):
+    """select() keeps the cache's buffers (compiled graphs hold their addresses) and moves rows."""
+    cap, feats = tiny
+    embeds = cap.model.prefix_embeds(feats)[0].detach()
+    stepper = StaticCacheStepper(cap.model.lm, max_new_tokens=4)
+    with torch.no_grad():
+        _, state = stepper.prefill(embeds)
+        state = stepper.select(state, torch.arange(5, device=embeds.device).repeat_interleave(2))  # (10 rows)
+        keys = state.layers[0].keys
+        before = keys[:, :, :stepper.length].clone()
+        order = torch.randperm(10).to(embeds.device)
+        assert stepper.select(state, order) is state and state.layers[0].keys.data_ptr() == keys.data_ptr()
+        torch.testing.assert_close(keys[:, :, :stepper.length], before[order])
+
+
+def test_caption_features_static_and_compiled_match_default(tiny):
+    cap, feats = tiny
+    plain = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=6)
+    expected = cap.caption_features(feats, plain)
+    assert cap.caption_features(feats, DecodeConfig(**{**plain.__dict__, "static_cache": True})) == expected
+    # torch.compile(fullgraph=True) of the step: no graph break (CUDA graphs need one graph); CPU here
+    compiled = DecodeConfig(**{**plain.__dict__, "compile": True})
+    assert cap.caption_features(feats, compiled) == expected
+    assert cap.caption_features(feats[:3], compiled) == expected[:3]
