@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="JPEG decoding workers of the end-to-end folder run")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--train-batch", type=int, default=256 if gpu else 8, help="captions per training step")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu,
                    help="also measure --compile decoding (static KV cache + torch.compile, CUDA graphs on GPU; "
                         "default on GPU only: on CPU it compiles for minutes and gains nothing)")
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
         import bench_train
 
         with tempfile.TemporaryDirectory() as tmp:
-            ns = argparse.Namespace(lm_size="124M", batch_size=64 if gpu else 8, steps=30 if gpu else 4,
+            ns = argparse.Namespace(lm_size="124M", batch_size=args.train_batch, steps=30 if gpu else 4,
                                     warmup=10 if gpu else 1, precisions="no,bf16" if gpu else "no")
             work = Path(tmp)
             bench_train.make_images(work / "data", ns.batch_size * (ns.steps + 2), 8, captions=True)

@@ -30,7 +30,7 @@ def test_shapes_and_feature_dim_read_from_encoder(make_captioner, mapper):
     assert prefix.shape == (2, 4 + prompt_len, cap.model.lm.config.n_embd)
     f, ids, mask = batch(cap, CAPTIONS[:2], prompt="a photo of")
     out = cap.model(f, ids, mask)
-    assert out.logits.shape == (2, 4 + prompt_len + ids.shape[1], len(cap.tokenizer))
+    assert out.logits.shape == (2, ids.shape[1], len(cap.tokenizer))  # caption positions only
 
 
 def test_captions_end_with_eos_and_mask_marks_real_tokens(tokenizer):
@@ -51,8 +51,12 @@ def test_loss_ignores_prefix_prompt_and_padding(make_captioner):
     feats, ids, mask = batch(cap, prompt="a photo of")
     out = cap.model(feats, ids, mask)
     q = cap.model.prefix_tokens
-    # Manual loss: logits at q-1+t predict caption token t; only real caption tokens count.
-    logits = out.logits[:, q - 1:-1]
+    # Manual loss from the LM's logits over the whole sequence: position q-1+t predicts caption token t;
+    # only real caption tokens count.
+    embeds = torch.cat([cap.model.prefix_embeds(feats)[0], cap.model.lm.get_input_embeddings()(ids)], dim=1)
+    full = cap.model.lm(inputs_embeds=embeds, attention_mask=torch.cat([mask.new_ones(len(ids), q), mask], 1)).logits
+    logits = full[:, q - 1:-1]
+    torch.testing.assert_close(out.logits, logits)
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
     manual = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out.loss, manual)
