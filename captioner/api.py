@@ -26,7 +26,7 @@ from .decoding import LMStepper, StaticCacheStepper, generate
 from .encoders import build_tokenizer
 from .audio import AudioError, load_audio
 from .images import MAX_PIXELS, ImageError, load_image
-from .jpeg import JpegPipeline, TensorPreprocess, read_jpeg
+from .jpeg import JpegPipeline, TensorPreprocess, prepare_image
 from .model import CaptionModel
 from .tokens import decode_ids, encode_prompt, pad_id
 
@@ -45,18 +45,10 @@ class EvalResult:
     skipped: list[str]  # metrics not computed, and why; images that could not be read
 
 
-@dataclasses.dataclass
-class _Jpeg:
-    """An image left encoded by the loader, for the main process to decode on the device (jpeg.py)."""
-
-    data: torch.Tensor  # uint8 (N,) file bytes
-    name: str
-
-
 class _InputFiles(torch.utils.data.Dataset):
     """Item i -> (i, {modality: preprocessed input}, None), or (i, None, "PATH: reason") when a file cannot
     be read. Runs in DataLoader workers, so it holds only picklable preprocessing, not the model. With
-    `jpegs`, plain JPEG files come back as `_Jpeg` bytes instead of preprocessed tensors."""
+    `jpegs`, plain JPEG files come back as `JpegBytes` instead of preprocessed tensors."""
 
     def __init__(self, items: list[dict], *, image_preprocess, audio_loader, max_pixels: int | None,
                  jpegs: bool = False):
@@ -64,11 +56,8 @@ class _InputFiles(torch.utils.data.Dataset):
         self.max_pixels, self.jpegs = max_pixels, jpegs
 
     def _image(self, path):
-        if self.jpegs and isinstance(path, (str, Path)):
-            data = read_jpeg(path, max_pixels=self.max_pixels)
-            if data is not None:
-                return _Jpeg(data, os.fsdecode(path))
-        return self.image_preprocess(load_image(path, max_pixels=self.max_pixels))
+        return prepare_image(path, name=os.fsdecode(path), preprocess=self.image_preprocess,
+                             max_pixels=self.max_pixels, jpegs=self.jpegs)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -84,15 +73,11 @@ class _InputFiles(torch.utils.data.Dataset):
 
 
 def _decode_jpegs(batch: list, pipeline: JpegPipeline) -> list:
-    """Decode a loader batch's `_Jpeg` images on the device in one call; a file that cannot be decoded
+    """A loader batch with its JPEGs decoded on the device in one call; a file that cannot be decoded
     becomes that item's error, as in the PIL path."""
-    slots = [(j, item[1]["image"]) for j, item in enumerate(batch)
-             if item[1] is not None and isinstance(item[1].get("image"), _Jpeg)]
-    if not slots:
-        return batch
-    images = pipeline([jp.data for _, jp in slots], [jp.name for _, jp in slots])
+    rows = [j for j, (_, tensors, _) in enumerate(batch) if tensors is not None and "image" in tensors]
     batch = list(batch)
-    for (j, _), image in zip(slots, images):
+    for j, image in zip(rows, pipeline.resolve([batch[j][1]["image"] for j in rows])):
         i, tensors, _ = batch[j]
         batch[j] = (i, None, str(image)) if isinstance(image, ImageError) else (i, {**tensors, "image": image}, None)
     return batch

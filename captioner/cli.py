@@ -232,7 +232,7 @@ def _caption_sharded(args, decode) -> int:
     t0 = time.perf_counter()
     results = sharded.run(captioner, shards, args.output_dir, decode=decode, batch_size=args.batch_size,
                           num_workers=args.num_workers, rank=rank, world=world, write_tars=args.write_shards,
-                          max_pixels=args.max_pixels or None)
+                          max_pixels=args.max_pixels or None, jpeg_on_device=args.jpeg_on_device)
     n = sum(r.captioned + r.failed for r in results)
     failed = sum(r.failed for r in results)
     print(f"[rank {rank}/{world}] {len(results)} shard(s) captioned ({len(shards[rank::world]) - len(results)} "
@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "batches while the model captions this one (default: 2)")
     p.add_argument("--jpeg-on-device", action=argparse.BooleanOptionalAction, default=None,
                    help="workers only read plain JPEG files; they are decoded and resized on the device in batches "
-                        "(nvjpeg on CUDA; pixels may differ from PIL's by a level or two; not in sharded mode). "
+                        "(nvjpeg on CUDA; pixels may differ from PIL's by a level or two). "
                         "Default: on with CUDA")
     g.add_argument("--write-shards", choices=["txt", "json"], help="also write WebDataset tars with a caption "
                                                                   "member per key to DIR/wds")

@@ -28,7 +28,9 @@ each call; this module leaves warning filters alone.
 from __future__ import annotations
 
 import functools
+import io
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,6 +46,7 @@ from .images import (
     _check_max_pixels,
     _error,
     _too_large,
+    load_image,
     load_image_bytes,
     open_regular_file,
 )
@@ -153,25 +156,59 @@ def read_jpeg(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) -
     fspath = os.fspath(path)
     name = os.fsdecode(fspath)
     with open_regular_file(fspath, name, error=ImageError) as f:
-        try:
-            with Image.open(f, formats=("JPEG",)) as im:  # the header only, parsed as load_image parses it
-                width, height = im.size
-                plain = (im.format == "JPEG" and im.mode in ("RGB", "L")
-                         and im.getexif().get(0x0112, 1) not in _TRANSPOSING_ORIENTATIONS)
-        except Exception:  # noqa: BLE001 - load_image reports whatever went wrong, in its words
-            return None
-        if max_pixels is not None and width * height > max_pixels:
-            raise _error(name, _too_large(width, height, max_pixels))
-        if not plain:
-            return None
-        try:
-            f.seek(0)
-            data = f.read()
-        except OSError:
-            return None
+        return _plain_jpeg(f, name, max_pixels)
+
+
+def read_jpeg_bytes(data: bytes, *, name: str, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor | None:
+    """`read_jpeg` for encoded bytes (a tar member, a parquet cell), as `load_image_bytes` is to `load_image`."""
+    if not data:
+        raise _error(name, "empty file")
+    return _plain_jpeg(io.BytesIO(data), name, _check_max_pixels(max_pixels))
+
+
+def _plain_jpeg(f, name: str, max_pixels: int | None) -> torch.Tensor | None:
+    try:
+        with Image.open(f, formats=("JPEG",)) as im:  # the header only, parsed as load_image parses it
+            width, height = im.size
+            plain = (im.format == "JPEG" and im.mode in ("RGB", "L")
+                     and im.getexif().get(0x0112, 1) not in _TRANSPOSING_ORIENTATIONS)
+    except Exception:  # noqa: BLE001 - load_image reports whatever went wrong, in its words
+        return None
+    if max_pixels is not None and width * height > max_pixels:
+        raise _error(name, _too_large(width, height, max_pixels))
+    if not plain:
+        return None
+    try:
+        f.seek(0)
+        data = f.read()
+    except OSError:
+        return None
     if not data.endswith(_EOI):
         return None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+@dataclass
+class JpegBytes:
+    """An image a loader worker left encoded, for `JpegPipeline.resolve` to decode on the device."""
+
+    data: torch.Tensor  # uint8 (N,) file bytes
+    name: str
+
+
+def prepare_image(source: str | os.PathLike | bytes, *, name: str, preprocess, max_pixels: int | None,
+                  jpegs: bool) -> torch.Tensor | JpegBytes:
+    """The loader-worker half: an image file (path) or its bytes -> the model's input tensor (3, S, S) via
+    PIL and `preprocess`, or, with `jpegs`, `JpegBytes` when it is a plain JPEG. Raises ImageError."""
+    is_bytes = isinstance(source, (bytes, bytearray, memoryview))
+    if jpegs:
+        data = (read_jpeg_bytes(bytes(source), name=name, max_pixels=max_pixels) if is_bytes
+                else read_jpeg(source, max_pixels=max_pixels))
+        if data is not None:
+            return JpegBytes(data, name)
+    image = (load_image_bytes(bytes(source), name=name, max_pixels=max_pixels) if is_bytes
+             else load_image(source, max_pixels=max_pixels))
+    return preprocess(image)
 
 
 def decode_jpegs(datas: list[torch.Tensor], *, device: str | torch.device,
@@ -221,3 +258,12 @@ class JpegPipeline:
         """One float32 (3, S, S) tensor on the device per file, or that file's ImageError."""
         decoded = decode_jpegs(datas, device=self.device, names=names)
         return [image if isinstance(image, ImageError) else self.preprocess(image) for image in decoded]
+
+    def resolve(self, inputs: list[torch.Tensor | JpegBytes]) -> list[torch.Tensor | ImageError]:
+        """A loader batch from `prepare_image`: its `JpegBytes` decoded together; tensors pass through."""
+        slots = [i for i, x in enumerate(inputs) if isinstance(x, JpegBytes)]
+        out = list(inputs)
+        if slots:
+            for i, image in zip(slots, self([inputs[i].data for i in slots], [inputs[i].name for i in slots])):
+                out[i] = image
+        return out

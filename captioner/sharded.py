@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from .config import DecodeConfig
-from .images import MAX_PIXELS, ImageError, load_image, load_image_bytes
+from .images import MAX_PIXELS, ImageError
+from .jpeg import prepare_image
 from .outputs import ResultWriter
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class _Decoded(IterableDataset):
-    """Items of one shard, decoded and preprocessed in DataLoader workers (each worker a slice)."""
+    """Items of one shard, decoded and preprocessed in DataLoader workers (each worker a slice); with
+    `jpegs`, plain JPEGs are left encoded (`JpegBytes`) for the device to decode."""
 
-    def __init__(self, shard, preprocess, skip: set[str], max_pixels: int | None):
+    def __init__(self, shard, preprocess, skip: set[str], max_pixels: int | None, jpegs: bool = False):
         self.shard, self.preprocess, self.skip, self.max_pixels = shard, preprocess, skip, max_pixels
+        self.jpegs = jpegs
 
     def __iter__(self):
         info = get_worker_info()
@@ -66,11 +69,23 @@ class _Decoded(IterableDataset):
                 yield item.key, item.source, None, item.error
                 continue
             try:
-                image = (load_image(item.path, max_pixels=self.max_pixels) if item.path
-                         else load_image_bytes(item.data, name=item.source, max_pixels=self.max_pixels))
-                yield item.key, item.source, self.preprocess(image), None
+                source = item.path if item.path else item.data
+                name = os.fsdecode(item.path) if item.path else item.source
+                yield item.key, item.source, prepare_image(source, name=name, preprocess=self.preprocess,
+                                                           max_pixels=self.max_pixels, jpegs=self.jpegs), None
             except ImageError as e:
                 yield item.key, item.source, None, str(e)
+
+
+def _decode_on_device(batch: list, pipeline) -> list:
+    """(key, source, input, error) rows with their JPEGs decoded on the device together; a file that cannot
+    be decoded becomes that row's error, as on the PIL path."""
+    rows = [j for j, (_, _, _, error) in enumerate(batch) if error is None]
+    batch = list(batch)
+    for j, image in zip(rows, pipeline.resolve([batch[j][2] for j in rows])):
+        key, source, _, _ = batch[j]
+        batch[j] = (key, source, None, str(image)) if isinstance(image, ImageError) else (key, source, image, None)
+    return batch
 
 
 def _collate(batch):
@@ -87,19 +102,26 @@ class ShardResult:
 
 
 def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batch_size: int = 32,
-                  num_workers: int = 2, max_pixels: int | None = MAX_PIXELS, desc: str | None = None) -> ShardResult:
-    """Caption one shard into OUT/shards/<name>.jsonl, resuming a partial file; mark it done."""
+                  num_workers: int = 2, max_pixels: int | None = MAX_PIXELS, desc: str | None = None,
+                  jpeg_on_device: bool | None = None) -> ShardResult:
+    """Caption one shard into OUT/shards/<name>.jsonl, resuming a partial file; mark it done.
+    jpeg_on_device: as in `Captioner.iter_captions` (default: on with CUDA)."""
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     writer = ResultWriter(shard_dir / f"{shard.name}.jsonl", num_captions=decode.num_captions, resume=True,
                           id_field="key")
     errors_path = shard_dir / f"{shard.name}.errors.jsonl"
     skipped = len(writer.done)
-    loader = DataLoader(_Decoded(shard, captioner.model.image_encoder.preprocess, writer.done, max_pixels), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate, prefetch_factor=4 if num_workers else None)
+    pipeline = captioner._jpeg_pipeline(jpeg_on_device)
+    dataset = _Decoded(shard, captioner.model.image_encoder.preprocess, writer.done, max_pixels,
+                       jpegs=pipeline is not None)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        prefetch_factor=4 if num_workers else None, pin_memory=captioner.device.type == "cuda")
     t0, captioned, failed = time.perf_counter(), 0, 0
     with open(errors_path, "w", encoding="utf-8") as errors, tqdm(desc=desc or shard.name, unit="img") as bar:
         for batch in loader:
+            if pipeline is not None:
+                batch = _decode_on_device(batch, pipeline)
             good = [(k, s, x) for k, s, x, e in batch if e is None]
             for k, s, _, e in batch:
                 if e is not None:
@@ -127,7 +149,7 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
 
 def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfig, batch_size: int = 32,
         num_workers: int = 2, rank: int = 0, world: int = 1, write_tars: str | None = None,
-        max_pixels: int | None = MAX_PIXELS) -> list[ShardResult]:
+        max_pixels: int | None = MAX_PIXELS, jpeg_on_device: bool | None = None) -> list[ShardResult]:
     """Caption this process's shards (rank::world), skipping done ones; then try the merge."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +166,8 @@ def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfi
             logger.info("rank %d: shard %s already done", rank, shard.name)
         else:
             r = caption_shard(captioner, shard, out_dir, decode=decode, batch_size=batch_size,
-                              num_workers=num_workers, max_pixels=max_pixels, desc=f"[{rank}/{world}] {shard.name}")
+                              num_workers=num_workers, max_pixels=max_pixels, desc=f"[{rank}/{world}] {shard.name}",
+                              jpeg_on_device=jpeg_on_device)
             results.append(r)
             logger.info("rank %d: shard %s done: %d captioned, %d failed, %d resumed, %.1f img/s", rank, shard.name,
                         r.captioned, r.failed, r.skipped, (r.captioned + r.failed) / max(r.seconds, 1e-9))

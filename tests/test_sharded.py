@@ -128,3 +128,32 @@ def test_bad_members_reported_per_key_and_shard_continues(setup, tmp_path):
     with tarfile.open(out / "wds" / "00000.tar") as tar:
         names = set(tar.getnames())
     assert {"good1.txt", "good1.jpg", "good2.txt"} <= names and "broken.txt" not in names
+
+
+def test_jpegs_decoded_on_device_give_the_same_rows_and_errors(setup, tmp_path, monkeypatch):
+    """--jpeg-on-device (run here on CPU): tar members that are plain JPEGs go to the batched decoder; the
+    merged captions and the per-key errors equal the PIL path's."""
+    from captioner.cli import main
+    from captioner.jpeg import JpegPipeline
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tarfile.open(bad / "00000.tar", "w") as tar:
+        for i in range(5):
+            _add(tar, f"good{i}.jpg", _jpeg((50 * i, 20, 200 - 30 * i)))
+        _add(tar, "broken.jpg", b"definitely not a jpeg")
+        _add(tar, "trunc.jpg", _jpeg((0, 255, 0))[:100])
+    decoded = []
+    call = JpegPipeline.__call__
+    monkeypatch.setattr(JpegPipeline, "__call__", lambda self, datas, names: decoded.extend(names) or
+                        call(self, datas, names))
+    results = {}
+    for flag in ("--no-jpeg-on-device", "--jpeg-on-device"):
+        out = tmp_path / flag
+        main(["caption", str(bad / "00000.tar"), "--model", str(setup / "model"), "--output-dir", str(out),
+              "--strategy", "greedy", "--max-new-tokens", "6", "--num-workers", "1", "--batch-size", "3", flag])
+        errors = (out / "shards" / "00000.errors.jsonl").read_text().splitlines()
+        results[flag] = ([(r["key"], r["caption"]) for r in _merged(out)], sorted(errors))
+    assert results["--jpeg-on-device"] == results["--no-jpeg-on-device"]
+    assert len(results["--jpeg-on-device"][0]) == 5 and len(results["--jpeg-on-device"][1]) == 2
+    assert decoded == [f"{bad / '00000.tar'}:good{i}.jpg" for i in range(5)]  # the damaged ones went to PIL
