@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,7 +23,7 @@ from PIL import Image
 from . import checkpoint
 from .config import DecodeConfig, ModelConfig
 from .data import CaptionExample
-from .decoding import LMStepper, StaticCacheStepper, generate
+from .decoding import LMStepper, PackedHead, StaticCacheStepper, generate
 from .encoders import build_tokenizer
 from .audio import AudioError, load_audio
 from .images import MAX_PIXELS, ImageError, load_image
@@ -107,6 +108,7 @@ class Captioner:
         if dtype is not None:
             self.model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
         self._static_steppers: dict[tuple, StaticCacheStepper] = {}  # kept: they hold caches and compiled steps
+        self._packed_head = PackedHead()  # kept: holds the packed copy of the LM head's weight
 
     # ------------------------------------------------------------------ construction
 
@@ -179,8 +181,12 @@ class Captioner:
             else:
                 features = {m: f.to(self.device) for m, f in features.items()}
             embeds, _ = self.model.prefix_embeds(features)  # (B, Q, D); no absent segments
-            out = generate(self._stepper(decode), embeds, decode,
-                           eos_id=self.tokenizer.eos_token_id, pad_id=pad_id(self.tokenizer))
+            # (not inside compiled steps: the compiler makes its own choices for the head)
+            fast_head = decode.cpu_packed_head and not decode.compile
+            packed = self._packed_head.applied(self.model.lm) if fast_head else contextlib.nullcontext()
+            with packed:
+                out = generate(self._stepper(decode), embeds, decode,
+                               eos_id=self.tokenizer.eos_token_id, pad_id=pad_id(self.tokenizer))
         finally:
             self.model.train(was_training)
         return [[decode_ids(self.tokenizer, seq.tolist()) for seq in row] for row in out.tokens]

@@ -7,6 +7,7 @@ without the KV cache. Beams are folded into the batch: the LM always sees (B * b
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -65,20 +66,26 @@ class LMStepper:
 
 
 class StaticCacheStepper(LMStepper):
-    """KV-cached stepper whose cache is preallocated for the whole caption (prefix + max_new_tokens) and
-    reordered in place: every step has the same shapes and buffer addresses, which is what lets the step
-    be compiled (`compile=True`: torch.compile; on CUDA with CUDA graphs, so a step is one graph launch
-    instead of hundreds of kernel launches from Python). One instance serves many batches: caches are
-    kept per (rows, length, dtype, device) and reset, so compiled graphs are reused.
+    """KV-cached stepper whose cache is preallocated for the whole caption (prefix + max_new_tokens).
 
-    The prefix is run uncompiled with a growing cache (its length varies), then copied into the static
-    cache by the first `select` (beam search's expansion to B * K rows) or the first `step`."""
+    A growing cache copies itself twice per step in beam search (reorder, then append); here a step
+    writes its one new position in place, and a beam reorder is a single gather of the filled positions
+    into a second buffer (`index_select(out=)`), the two buffers taking turns. Every step has the same
+    shapes, which is what lets the step be compiled (`compile=True`: torch.compile; on CUDA with CUDA
+    graphs, so a step is one graph launch instead of hundreds of kernel launches from Python). A compiled
+    step always runs on the same buffer (CUDA graphs replay on fixed addresses): a reorder gathers into
+    the second buffer and copies back. One instance serves many batches: buffers are kept per (rows,
+    length, dtype, device), so compiled graphs are reused.
+
+    The prefix is run uncompiled with a growing cache (its length varies), then gathered into a buffer by
+    the first `select` (beam search's expansion to B * K rows) or the first `step`."""
 
     def __init__(self, lm: torch.nn.Module, *, max_new_tokens: int, compile: bool = False):
         super().__init__(lm, use_cache=True)
         self.max_new_tokens = max_new_tokens
-        self.caches: dict[tuple, Any] = {}
+        self.caches: dict[tuple, tuple] = {}  # (rows, length, dtype, device) -> two StaticCaches
         self.cuda_graphs = False
+        self.fixed_buffers = compile  # compiled steps always run on one buffer per row count
         self.forward = lm.forward
         if compile:
             cuda = next(lm.parameters()).is_cuda
@@ -90,31 +97,43 @@ class StaticCacheStepper(LMStepper):
         self.prefix_len = self.length = embeds.shape[1]  # positions filled so far (no GPU sync to learn it)
         return self._cached(inputs_embeds=embeds, logits_to_keep=1)  # a DynamicCache of the prefix
 
-    def _static(self, rows: int, like: torch.Tensor):
+    def _pair(self, rows: int, state) -> tuple:
         from transformers import StaticCache
 
+        like = state.layers[0].keys
         key = (rows, self.prefix_len + self.max_new_tokens, like.dtype, like.device)
         if key not in self.caches:
-            self.caches[key] = StaticCache(config=self.lm.config, max_cache_len=key[1])
-        cache = self.caches[key]
-        cache.reset()
-        return cache
+            self.caches[key] = tuple(StaticCache(config=self.lm.config, max_cache_len=key[1]) for _ in range(2))
+        return self.caches[key]
 
     def select(self, state, index):
-        from transformers import StaticCache
+        main, other = self._pair(index.numel(), state)
+        if not self.fixed_buffers:  # the gather lands in whichever buffer `state` is not
+            target = other if state is main else main
+            self._gather(state, target, index)
+            return target
+        # CUDA graphs replay on the addresses they were recorded with: the result always lands in `main`.
+        if state is main:
+            self._gather(main, other, index)
+            self._gather(other, main, None)
+        else:
+            self._gather(state, main, index)
+        return main
 
-        if not isinstance(state, StaticCache) or index.numel() != state.layers[0].keys.shape[0]:
-            layers = [(layer.keys, layer.values) for layer in state.layers]  # (rows, heads, length, dim) each
-            static = self._static(index.numel(), layers[0][0])
-            n = self.length
-            for i, (k, v) in enumerate(layers):
-                static.update(k[:, :, :n].index_select(0, index), v[:, :, :n].index_select(0, index), i)
-            return static
+    def _gather(self, src, dst, index: torch.Tensor | None) -> None:
+        """Rows `index` (None: all, in order) of src's filled positions into dst; dst's next step writes
+        position n."""
         n = self.length
-        for layer in state.layers:  # in place: compiled graphs hold these buffers' addresses
-            layer.keys[:, :, :n] = layer.keys[:, :, :n].index_select(0, index)
-            layer.values[:, :, :n] = layer.values[:, :, :n].index_select(0, index)
-        return state
+        for s, d in zip(src.layers, dst.layers):  # (rows, heads, length, dim) each
+            rows = s.keys.shape[0] if index is None else index.numel()
+            if not d.is_initialized:  # allocates (rows, heads, prefix + max_new_tokens, dim) zeros
+                d.lazy_initialization(*(x.new_empty(rows, x.shape[1], 1, x.shape[3]) for x in (s.keys, s.values)))
+            for a, b in ((s.keys, d.keys), (s.values, d.values)):
+                if index is None:
+                    b[:, :, :n].copy_(a[:, :, :n])
+                else:
+                    torch.index_select(a[:, :, :n], 0, index, out=b[:, :, :n])
+            d.cumulative_length.fill_(n)
 
     def step(self, tokens, state):
         from transformers import StaticCache
@@ -128,6 +147,47 @@ class StaticCacheStepper(LMStepper):
         self.length += 1
         # A CUDA graph overwrites its outputs on the next replay: keep a copy.
         return out.logits[:, -1].float().clone(), state
+
+
+class PackedHead:
+    """The LM head (the vocabulary projection: a third of GPT-2 124M's arithmetic per decoded token) run
+    as oneDNN's GEMM on a prepacked copy of its weight, on CPU in float32. On this project's AVX2 machine
+    that takes 89-94 ms instead of 133-151 ms at 160 rows x 50,257 tokens (a batch of 32 with 5 beams),
+    ~10% of a decoding step; logits equal the plain matmul's to ~1e-6 (summation order).
+
+    `applied(lm)` swaps the head's forward for the packed one while decoding; the packed copy is made
+    again whenever the weight changes (its version counter moves with every in-place update)."""
+
+    def __init__(self):
+        self.key, self.packed = None, None
+
+    @staticmethod
+    def usable(lm: torch.nn.Module) -> bool:
+        head = lm.get_output_embeddings()
+        return (isinstance(head, torch.nn.Linear) and head.weight.device.type == "cpu"
+                and head.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise") and not torch.is_grad_enabled())
+
+    @contextlib.contextmanager
+    def applied(self, lm: torch.nn.Module):
+        if not self.usable(lm):
+            yield
+            return
+        head = lm.get_output_embeddings()
+        key = (head.weight.data_ptr(), head.weight._version)
+        if key != self.key:
+            self.key, self.packed = key, torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), None)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, head.bias, "none", [], "")
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        head.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+        try:
+            yield
+        finally:
+            del head.forward
 
 
 @dataclass

@@ -21,10 +21,12 @@ Prints a table and one JSON line. `captioner bench` runs this file from a source
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -155,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="JPEG decoding workers of the end-to-end folder run")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every decoding configuration this many times, in turn; the table shows medians")
     p.add_argument("--train-batch", type=int, default=256 if gpu else 8, help="captions per training step")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu,
                    help="also measure --compile decoding (static KV cache + torch.compile, CUDA graphs on GPU; "
@@ -165,7 +169,9 @@ def main(argv=None) -> int:
     rows, folder, train = [], None, None
     for precision in args.precisions.split(","):
         cap = build(device, precision)
-        for strategy in ("greedy", "beam"):
+        # Repeats go round every configuration in turn, so a drift in the machine's speed hits every
+        # system alike; the table shows medians.
+        for repeat, strategy in itertools.product(range(args.repeats), ("greedy", "beam")):
             for batch in map(int, args.batch_sizes.split(",")):
                 for system in ("ours", "compiled", "hf", "ref") if args.compile else ("ours", "hf", "ref"):
                     if system == "hf" and batch > args.hf_max_batch:
@@ -174,7 +180,7 @@ def main(argv=None) -> int:
                         continue  # one image at a time: its speed does not depend on the batch size
                     r = bench_decode(cap, strategy=strategy, batch=batch, system=system, device=device,
                                      ref_images=args.ref_images)
-                    rows.append({**r, "precision": precision})
+                    rows.append({**r, "precision": precision, "repeat": repeat})
                     print(f"  {precision} {strategy} batch {batch} {system}: {r['images_per_s']:.2f} images/s",
                           file=sys.stderr)
         if precision == args.precisions.split(",")[-1] and not args.skip_folder:  # the fastest precision
@@ -202,26 +208,25 @@ def main(argv=None) -> int:
           f"device {dev_name}")
     print(f"{'precision':<10}{'strategy':<9}{'batch':>6}{'ours img/s':>12}{'compiled':>10}{'hf img/s':>11}"
           f"{'ref img/s':>11}{'best/ref':>10}{'best/hf':>9}{'peak GiB':>10}")
-    ref = {(r["precision"], r["strategy"]): r["images_per_s"] for r in rows if r["system"] == "ref"}
-    # the reference decodes one image at a time, so one number per precision and strategy serves every batch
+    speed, peaks = {}, {}  # (precision, strategy, batch, system) -> median images/s, largest peak GiB
     for r in rows:
-        if r["system"] != "ours":
+        key = (r["precision"], r["strategy"], r["batch"] if r["system"] != "ref" else None, r["system"])
+        speed.setdefault(key, []).append(r["images_per_s"])
+        peaks[key] = max(peaks.get(key) or 0.0, r["peak_gpu_gib"]) if r["peak_gpu_gib"] is not None else None
+    speed = {k: statistics.median(v) for k, v in speed.items()}
+    for (precision, strategy, batch, system), ips in speed.items():
+        if system != "ours":
             continue
-        key = (r["precision"], r["strategy"], r["batch"])
-        hf, comp = (next((x for x in rows if x["system"] == name and (x["precision"], x["strategy"], x["batch"]) == key),
-                         None) for name in ("hf", "compiled"))
-        hf = hf and hf["images_per_s"]
-        rf = ref.get(key[:2])
-        best = max((r, comp) if comp else (r,), key=lambda x: x["images_per_s"])  # ratios of our faster path
-        ips = best["images_per_s"]
-        peak = f"{best['peak_gpu_gib']:.2f}" if best["peak_gpu_gib"] is not None else "-"
-        comp_s = f"{comp['images_per_s']:.2f}" if comp else "-"
-        hf_s = f"{hf:.2f}" if hf else "-"
-        rf_s = f"{rf:.3f}" if rf else "-"
-        vs_ref = f"{ips / rf:.1f}x" if rf else "-"
-        vs_hf = f"{ips / hf:.2f}x" if hf else "-"
-        print(f"{r['precision']:<10}{r['strategy']:<9}{r['batch']:>6}{r['images_per_s']:>12.2f}{comp_s:>10}{hf_s:>11}"
-              f"{rf_s:>11}{vs_ref:>10}{vs_hf:>9}{peak:>10}")
+        hf, comp = speed.get((precision, strategy, batch, "hf")), speed.get((precision, strategy, batch, "compiled"))
+        rf = speed.get((precision, strategy, None, "ref"))  # one image at a time: one number for every batch
+        best = "compiled" if comp and comp > ips else "ours"  # ratios of our faster path
+        top = speed[(precision, strategy, batch, best)]
+        peak = peaks[(precision, strategy, batch, best)]
+        cells = [f"{ips:.2f}", f"{comp:.2f}" if comp else "-", f"{hf:.2f}" if hf else "-", f"{rf:.3f}" if rf else "-",
+                 f"{top / rf:.1f}x" if rf else "-", f"{top / hf:.2f}x" if hf else "-",
+                 f"{peak:.2f}" if peak is not None else "-"]
+        print(f"{precision:<10}{strategy:<9}{batch:>6}" + "".join(f"{c:>{w}}" for c, w in
+                                                             zip(cells, (12, 10, 11, 11, 10, 9, 10))))
     if folder:
         print(f"\nend to end: captioner caption over {folder['images']} JPEGs (256x256, beam 5, {STEPS} tokens, "
               f"batch {folder['batch']}, {folder['precision']}, {folder['workers']} decoding workers"

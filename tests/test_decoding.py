@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from captioner.config import DecodeConfig
-from captioner.decoding import LMStepper, StaticCacheStepper, beam_search, generate, sample_token
+from captioner.decoding import LMStepper, PackedHead, StaticCacheStepper, beam_search, generate, sample_token
 
 EOS, PAD = 0, 0
 START = -1
@@ -201,13 +201,15 @@ def test_batch_composition_does_not_change_captions(tiny, strategy):
     assert reversed_[::-1] == together
 
 
+@pytest.mark.parametrize("fixed_buffers", [False, True])  # True: as compiled steps run (one buffer)
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
-def test_static_cache_equals_growing_cache(tiny, strategy):
+def test_static_cache_equals_growing_cache(tiny, strategy, fixed_buffers):
     cap, feats = tiny
     cfg = DecodeConfig(strategy=strategy, num_beams=3, num_captions=2 if strategy != "greedy" else 1,
                        max_new_tokens=8, seed=0, top_p=0.95)
     embeds = cap.model.prefix_embeds(feats)[0].detach()
     stepper = StaticCacheStepper(cap.model.lm, max_new_tokens=cfg.max_new_tokens)
+    stepper.fixed_buffers = fixed_buffers
     with torch.no_grad():
         dynamic = generate(LMStepper(cap.model.lm), embeds, cfg, eos_id=0, pad_id=0)
         fewer = generate(LMStepper(cap.model.lm), embeds[:2], cfg, eos_id=0, pad_id=0)
@@ -218,19 +220,41 @@ def test_static_cache_equals_growing_cache(tiny, strategy):
     assert len(stepper.caches) == 2  # one per row count
 
 
-def test_static_cache_reorders_in_place(tiny):
-    """select() keeps the cache's buffers (compiled graphs hold their addresses) and moves rows."""
+def test_static_cache_reorder_alternates_between_two_fixed_buffers(tiny):
+    """select() gathers the filled positions into the other buffer of a pair and nothing else: the same two
+    buffers (compiled graphs hold their addresses) serve every step and every batch."""
     cap, feats = tiny
     embeds = cap.model.prefix_embeds(feats)[0].detach()
     stepper = StaticCacheStepper(cap.model.lm, max_new_tokens=4)
     with torch.no_grad():
         _, state = stepper.prefill(embeds)
-        state = stepper.select(state, torch.arange(5, device=embeds.device).repeat_interleave(2))  # (10 rows)
-        keys = state.layers[0].keys
-        before = keys[:, :, :stepper.length].clone()
+        first = stepper.select(state, torch.arange(5, device=embeds.device).repeat_interleave(2))  # (10 rows)
+        n = stepper.length
+        torch.testing.assert_close(first.layers[0].keys[:, :, :n], state.layers[0].keys.repeat_interleave(2, 0))
         order = torch.randperm(10).to(embeds.device)
-        assert stepper.select(state, order) is state and state.layers[0].keys.data_ptr() == keys.data_ptr()
-        torch.testing.assert_close(keys[:, :, :stepper.length], before[order])
+        second = stepper.select(first, order)
+        torch.testing.assert_close(second.layers[0].keys[:, :, :n], first.layers[0].keys[order, :, :n])
+        assert int(second.get_seq_length()) == n  # the next step writes position n
+        assert second is not first and stepper.select(second, order) is first
+        assert {id(c) for c in stepper.caches[next(iter(stepper.caches))]} == {id(first), id(second)}
+        pointer = first.layers[0].keys.data_ptr()
+        _, again = stepper.prefill(embeds)  # a new batch of the same size reuses the pair
+        assert stepper.select(again, torch.arange(10, device=embeds.device) // 2).layers[0].keys.data_ptr() == pointer
+
+
+def test_compiled_steps_keep_one_buffer(tiny):
+    """With fixed buffers (compile) every reorder lands back in the same buffer, with the rows reordered."""
+    cap, feats = tiny
+    embeds = cap.model.prefix_embeds(feats)[0].detach()
+    stepper = StaticCacheStepper(cap.model.lm, max_new_tokens=4)
+    stepper.fixed_buffers = True
+    with torch.no_grad():
+        _, state = stepper.prefill(embeds)
+        main = stepper.select(state, torch.arange(5, device=embeds.device).repeat_interleave(2))
+        before = main.layers[0].keys[:, :, :stepper.length].clone()
+        order = torch.randperm(10).to(embeds.device)
+        assert stepper.select(main, order) is main
+        torch.testing.assert_close(main.layers[0].keys[:, :, :stepper.length], before[order])
 
 
 def test_caption_features_static_and_compiled_match_default(tiny):
@@ -242,3 +266,29 @@ def test_caption_features_static_and_compiled_match_default(tiny):
     compiled = DecodeConfig(**{**plain.__dict__, "compile": True})
     assert cap.caption_features(feats, compiled) == expected
     assert cap.caption_features(feats[:3], compiled) == expected[:3]
+
+
+def test_packed_head_gives_the_plain_heads_captions_and_follows_weight_updates(tiny):
+    """CPU fp32: the oneDNN-packed LM head decodes as the plain one does, and is packed again after the
+    weights change (as between validations in training)."""
+    cap, feats = tiny
+    if cap.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        pytest.skip("the packed head is a CPU path")
+    head = cap.model.lm.get_output_embeddings()
+    with torch.no_grad():
+        assert PackedHead.usable(cap.model.lm)
+        hidden = torch.randn(7, head.in_features)
+        packer = PackedHead()
+        with packer.applied(cap.model.lm):
+            assert "forward" in vars(head)
+            torch.testing.assert_close(head(hidden), hidden @ head.weight.T, atol=1e-5, rtol=1e-5)
+        assert "forward" not in vars(head)  # restored
+    for strategy in ("greedy", "beam"):
+        plain = DecodeConfig(strategy=strategy, num_beams=3, max_new_tokens=8, cpu_packed_head=False)
+        packed = DecodeConfig(strategy=strategy, num_beams=3, max_new_tokens=8)
+        assert cap.caption_features(feats, packed) == cap.caption_features(feats, plain)
+    with torch.no_grad():
+        head.weight.mul_(-3.0)  # an in-place update, like an optimiser step
+    changed = cap.caption_features(feats, packed)
+    assert changed == cap.caption_features(feats, plain)
+    assert cap._packed_head.key[1] == head.weight._version
