@@ -146,7 +146,7 @@ class DecodeConfig:
     use_cache: bool = _doc("Reuse attention keys/values between steps (KV cache). Off only for debugging.",
                            default=True)
     cpu_packed_head: bool = _doc("On CPU in float32, run the LM head on a oneDNN-prepacked copy of its weight "
-                                 "(~10% faster decoding; logits equal to ~1e-6).", default=True)
+                                 "(about 10 percent faster decoding; logits equal to ~1e-6).", default=True)
     static_cache: bool = _doc("Preallocate the KV cache for the whole caption and reorder it in place, so every "
                               "step has the same shapes (what --compile needs; no gain on its own on CPU).",
                               default=False)

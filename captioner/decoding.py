@@ -145,8 +145,8 @@ class StaticCacheStepper(LMStepper):
         ids = tokens.reshape(-1, 1).contiguous()  # (rows, 1): same strides every step, or compile re-traces
         out = self.forward(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: state})
         self.length += 1
-        # A CUDA graph overwrites its outputs on the next replay: keep a copy.
-        return out.logits[:, -1].float().clone(), state
+        logits = out.logits[:, -1].float()
+        return (logits.clone() if self.cuda_graphs else logits), state  # a graph's next replay overwrites its output
 
 
 class PackedHead:
