@@ -899,6 +899,18 @@ def _saved_split_name(spec: str) -> str | None:
     return path.name if path.name in splits else None
 
 
+def _hf_caption_columns(spec: str, columns: Sequence[str], wanted: str | None) -> list[str]:
+    """The caption column(s): named ("caption" or "caption_1,caption_2,..."), else the first of
+    HF_CAPTION_COLUMNS, else every numbered column caption_1, caption_2, ... (Clotho on the hub), in order."""
+    if wanted is not None and "," in wanted:
+        return [_pick_column(spec, columns, name.strip(), HF_CAPTION_COLUMNS, "caption") for name in wanted.split(",")]
+    numbered = sorted((c for c in columns if re.fullmatch(r"captions?_\d+", c)),
+                      key=lambda c: int(c.rsplit("_", 1)[1]))
+    if wanted is None and numbered and not any(c in columns for c in HF_CAPTION_COLUMNS):
+        return numbered
+    return [_pick_column(spec, columns, wanted, HF_CAPTION_COLUMNS, "caption")]
+
+
 def _pick_column(spec: str, columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str:
     if wanted is not None:
         if wanted not in columns:
@@ -1042,7 +1054,7 @@ def _hf_media_file(value, kind: str, *, root: Path | None, folder: Path, index: 
 
 
 def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = None,
-                    caption_column: str | None = "caption", strict: bool = False,
+                    caption_column: str | None = None, strict: bool = False,
                     cache_dir: str | Path | None = None, audio_column: str | None = None
                     ) -> tuple[list[CaptionExample], ReadReport]:
     """Any `datasets` dataset as a caption set. `spec`: a directory written by `save_to_disk` (Dataset or
@@ -1059,7 +1071,8 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
     decoded {'array', 'sampling_rate'} dicts or path strings. An existing file is used where it is; other
     images are written once to `cache_dir/<fingerprint>/<split>/<row>.<ext>` and sounds to
     `.../<row>.audio<ext>` (default `DEFAULT_HF_IMAGE_CACHE`), and reused later. The caption column holds a
-    string or a list of strings. image_id is the `image_id`/`id` column (as a string) when there is one, rows
+    string or a list of strings; `caption_column` may name several ("caption_1,caption_2"), and numbered
+    columns caption_1, caption_2, ... are all read when no column of `HF_CAPTION_COLUMNS` is there. image_id is the `image_id`/`id` column (as a string) when there is one, rows
     with equal ids being merged (the first row's files are kept), else "<split>/<row>".
 
     A column of None is auto-detected: audio is the `Audio` feature column, else the first of
@@ -1096,11 +1109,12 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
     else:  # optional next to audio (Clotho has none); a generic path column there is likely the sound's
         image_column = next((c for c in columns if isinstance(features[c], datasets.Image)), None) or next(
             (c for c in HF_IMAGE_COLUMNS if c in columns and c not in _HF_GENERIC_PATH_COLUMNS), None)
-    caption_column = _pick_column(spec, columns, caption_column, HF_CAPTION_COLUMNS, "caption")
+    caption_columns = _hf_caption_columns(spec, columns, caption_column)
     media = {kind: c for kind, c in (("image", image_column), ("audio", audio_column)) if c is not None}
-    id_column = next((c for c in HF_ID_COLUMNS if c in columns and c not in (*media.values(), caption_column)), None)
+    id_column = next((c for c in HF_ID_COLUMNS if c in columns and c not in (*media.values(), *caption_columns)),
+                     None)
     fingerprint = str(getattr(ds, "_fingerprint", None) or "unknown")
-    ds = ds.select_columns(list(dict.fromkeys([*media.values(), caption_column, *([id_column] if id_column else [])])))
+    ds = ds.select_columns(list(dict.fromkeys([*media.values(), *caption_columns, *([id_column] if id_column else [])])))
     for column in media.values():  # raw bytes and paths, no decoding (decoding audio would need torchcodec)
         if isinstance(features[column], datasets.Image):
             ds = ds.cast_column(column, datasets.Image(decode=False))
@@ -1117,7 +1131,13 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
     by_id: dict[str, CaptionExample] = {}
     for index, row in enumerate(ds):
         where = f"{spec}: {label}[{index}]"
-        caps, reason = _clean_captions(row[caption_column])
+        if len(caption_columns) == 1:
+            caps, reason = _clean_captions(row[caption_columns[0]])
+        else:  # several columns: an empty cell is no caption, as in Clotho's CSVs
+            values = []
+            for cell in (row[c] for c in caption_columns):
+                values.extend(cell if isinstance(cell, list) else [] if cell is None else [cell])
+            caps, reason = _clean_captions(values)
         if reason is not None:
             bad(where, reason)
             continue

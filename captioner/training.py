@@ -59,7 +59,8 @@ class TrainConfig:
     modality_dropout: float = _doc("Probability that an item with both image and audio loses one of them "
                                    "(chosen evenly) in a training step, so the model also captions either "
                                    "alone; 0 disables.", default=0.3)
-    caption_column: str | None = _doc("Caption column of a table or Hugging Face dataset (default: auto-detect).",
+    caption_column: str | None = _doc("Caption column of a table or Hugging Face dataset; for a dataset also several "
+                                      "('caption_1,caption_2'; default: auto-detect, numbered columns included).",
                                       default=None)
     train_split: str = _doc("Split used for training (Karpathy: train, restval, train+restval).", default="train")
     val_split: str | None = _doc("Split used for validation (none to skip).", default="val")

@@ -492,7 +492,8 @@ def test_hf_path_string_images_are_used_in_place(tmp_path):
 def test_hf_missing_column_names_it_and_lists_columns(tmp_path):
     datasets = _hf()
     datasets.Dataset.from_dict({"image": _hf_images(1), "sentence": ["x"]}).save_to_disk(str(tmp_path / "ds"))
-    with pytest.raises(DataError, match=r"no caption column 'caption' \(columns: 'image', 'sentence'\)"):
+    with pytest.raises(DataError, match=r"no caption column \(looked for 'caption', 'captions', 'text'; columns: "
+                                        r"'image', 'sentence'\); name it with --caption-column"):
         read_hf_dataset(str(tmp_path / "ds"), "train", cache_dir=tmp_path / "c")
     with pytest.raises(DataError, match=r"no image column 'picture' \(columns: 'image', 'sentence'\)"):
         load_caption_set(tmp_path / "ds", "train", image_column="picture", caption_column="sentence",

@@ -322,3 +322,19 @@ def test_hf_named_audio_column_paths_are_used_in_place(tmp_path):
         load_caption_set(ds, "train", audio_column="sound", cache_dir=cache)
     with pytest.raises(DataError, match=r"no image column 'picture'"):  # named: required even beside audio
         load_caption_set(ds, "train", image_column="picture", audio_column="clip", cache_dir=cache)
+
+
+def test_hf_numbered_caption_columns_are_all_read(tmp_path):
+    """Clotho on the hub: caption_1 .. caption_5 columns, all references of a clip (empty cells skipped);
+    a comma-separated --caption-column picks some of them, in the order given."""
+    clip = _clip_bytes(tmp_path, 0.25)
+    spec = _hf_save(tmp_path / "ds", {
+        "audio": [{"bytes": clip, "path": None}] * 2,
+        "caption_2": ["a hum two", "b two"], "caption_10": ["a hum ten", None], "caption_1": ["a hum one", "b one"]})
+    examples, report = read_hf_dataset(str(spec), "train", cache_dir=tmp_path / "c")
+    assert [e.captions for e in examples] == [["a hum one", "a hum two", "a hum ten"], ["b one", "b two"]]
+    assert report.problems == []
+    picked, _ = read_hf_dataset(str(spec), "train", cache_dir=tmp_path / "c", caption_column="caption_10,caption_1")
+    assert [e.captions for e in picked] == [["a hum ten", "a hum one"], ["b one"]]
+    with pytest.raises(DataError, match="no caption column 'caption_3'"):
+        read_hf_dataset(str(spec), "train", cache_dir=tmp_path / "c", caption_column="caption_1,caption_3")
