@@ -253,7 +253,7 @@ class Captioner:
         if inputs:  # nothing to do is not an error (e.g. a resumed run that is already complete)
             self.model.check_modalities({m for it in inputs for m in it})
         encoders = self.model.encoders
-        pipeline = self._jpeg_pipeline(jpeg_on_device)
+        pipeline = self.jpeg_pipeline(jpeg_on_device)
         dataset = _InputFiles(inputs, image_preprocess=encoders["image"].preprocess if "image" in encoders else None,
                               audio_loader=encoders["audio"].loader() if "audio" in encoders else None,
                               max_pixels=max_pixels, jpegs=pipeline is not None)
@@ -273,7 +273,10 @@ class Captioner:
             for j, (i, _, error) in enumerate(batch):
                 yield items[i], captions.get(j), error
 
-    def _jpeg_pipeline(self, on_device: bool | None) -> JpegPipeline | None:
+    def jpeg_pipeline(self, on_device: bool | None = None) -> JpegPipeline | None:
+        """The device JPEG decoder for this captioner's image preprocessing (see jpeg.py), or None: when
+        off (on_device None: on with CUDA), without an image encoder, or when the preprocessing has a step
+        it does not mirror exactly."""
         if on_device is None:
             on_device = self.device.type == "cuda"
         if not on_device or "image" not in self.model.encoders:

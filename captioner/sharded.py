@@ -112,7 +112,7 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
                           id_field="key")
     errors_path = shard_dir / f"{shard.name}.errors.jsonl"
     skipped = len(writer.done)
-    pipeline = captioner._jpeg_pipeline(jpeg_on_device)
+    pipeline = captioner.jpeg_pipeline(jpeg_on_device)
     dataset = _Decoded(shard, captioner.model.image_encoder.preprocess, writer.done, max_pixels,
                        jpegs=pipeline is not None)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
