@@ -1072,7 +1072,8 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
     images are written once to `cache_dir/<fingerprint>/<split>/<row>.<ext>` and sounds to
     `.../<row>.audio<ext>` (default `DEFAULT_HF_IMAGE_CACHE`), and reused later. The caption column holds a
     string or a list of strings; `caption_column` may name several ("caption_1,caption_2"), and numbered
-    columns caption_1, caption_2, ... are all read when no column of `HF_CAPTION_COLUMNS` is there. image_id is the `image_id`/`id` column (as a string) when there is one, rows
+    columns caption_1, caption_2, ... are all read when no column of `HF_CAPTION_COLUMNS` is there.
+    image_id is the `image_id`/`id` column (as a string) when there is one, rows
     with equal ids being merged (the first row's files are kept), else "<split>/<row>".
 
     A column of None is auto-detected: audio is the `Audio` feature column, else the first of
@@ -1114,7 +1115,8 @@ def read_hf_dataset(spec: str, split: str | None, *, image_column: str | None = 
     id_column = next((c for c in HF_ID_COLUMNS if c in columns and c not in (*media.values(), *caption_columns)),
                      None)
     fingerprint = str(getattr(ds, "_fingerprint", None) or "unknown")
-    ds = ds.select_columns(list(dict.fromkeys([*media.values(), *caption_columns, *([id_column] if id_column else [])])))
+    keep = [*media.values(), *caption_columns, *([id_column] if id_column else [])]
+    ds = ds.select_columns(list(dict.fromkeys(keep)))
     for column in media.values():  # raw bytes and paths, no decoding (decoding audio would need torchcodec)
         if isinstance(features[column], datasets.Image):
             ds = ds.cast_column(column, datasets.Image(decode=False))

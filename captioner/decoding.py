@@ -7,8 +7,10 @@ without the KV cache. Beams are folded into the batch: the LM always sees (B * b
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,20 +80,29 @@ class StaticCacheStepper(LMStepper):
     length, dtype, device), so compiled graphs are reused.
 
     The prefix is run uncompiled with a growing cache (its length varies), then gathered into a buffer by
-    the first `select` (beam search's expansion to B * K rows) or the first `step`."""
+    the first `select` (beam search's expansion to B * K rows) or the first `step`. The buffers of the
+    `keep` most recent row counts are kept (a run's full batches and its last one). Not thread-safe: one
+    decode at a time per instance."""
 
-    def __init__(self, lm: torch.nn.Module, *, max_new_tokens: int, compile: bool = False):
+    RECOMPILE_LIMIT = 64  # compiled shapes (row counts) per process before new ones run uncompiled
+
+    def __init__(self, lm: torch.nn.Module, *, max_new_tokens: int, compile: bool = False, keep: int = 2):
         super().__init__(lm, use_cache=True)
-        self.max_new_tokens = max_new_tokens
-        self.caches: dict[tuple, tuple] = {}  # (rows, length, dtype, device) -> two StaticCaches
+        self.max_new_tokens, self.keep = max_new_tokens, keep
+        self.caches: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()  # key -> two StaticCaches
         self.cuda_graphs = False
         self.fixed_buffers = compile  # compiled steps always run on one buffer per row count
-        self.forward = lm.forward
+        self.forward = self.compiled = lm.forward
         if compile:
             cuda = next(lm.parameters()).is_cuda
             self.cuda_graphs = cuda
-            self.forward = torch.compile(lm.forward, mode="reduce-overhead" if cuda else None, fullgraph=True,
-                                         dynamic=False)
+            # Each row count is one more compiled graph; past dynamo's limit a fullgraph compile raises
+            # instead of falling back, so the limit is raised and an over-limit shape runs uncompiled.
+            import torch._dynamo
+
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
+            self.compiled = torch.compile(lm.forward, mode="reduce-overhead" if cuda else None, fullgraph=True,
+                                          dynamic=False)
 
     def prefill(self, embeds):
         self.prefix_len = self.length = embeds.shape[1]  # positions filled so far (no GPU sync to learn it)
@@ -103,7 +114,10 @@ class StaticCacheStepper(LMStepper):
         like = state.layers[0].keys
         key = (rows, self.prefix_len + self.max_new_tokens, like.dtype, like.device)
         if key not in self.caches:
+            while len(self.caches) >= self.keep:  # bounded memory (each pair is 2 x the whole cache)
+                self.caches.popitem(last=False)
             self.caches[key] = tuple(StaticCache(config=self.lm.config, max_cache_len=key[1]) for _ in range(2))
+        self.caches.move_to_end(key)
         return self.caches[key]
 
     def select(self, state, index):
@@ -143,7 +157,16 @@ class StaticCacheStepper(LMStepper):
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         ids = tokens.reshape(-1, 1).contiguous()  # (rows, 1): same strides every step, or compile re-traces
-        out = self.forward(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: state})
+        kwargs = {"input_ids": ids, "use_cache": True, "logits_to_keep": 1, self.cache_kw: state}
+        if self.compiled is self.forward:
+            out = self.forward(**kwargs)
+        else:
+            from torch._dynamo.exc import FailOnRecompileLimitHit
+
+            try:
+                out = self.compiled(**kwargs)
+            except FailOnRecompileLimitHit:
+                out = self.forward(**kwargs)  # one shape too many to compile: this one runs eagerly
         self.length += 1
         logits = out.logits[:, -1].float()
         return (logits.clone() if self.cuda_graphs else logits), state  # a graph's next replay overwrites its output
@@ -159,7 +182,7 @@ class PackedHead:
     again whenever the weight changes (its version counter moves with every in-place update)."""
 
     def __init__(self):
-        self.key, self.packed = None, None
+        self.weight, self.version, self.packed = None, None, None  # weight: a weakref to what was packed
 
     @staticmethod
     def usable(lm: torch.nn.Module) -> bool:
@@ -174,9 +197,9 @@ class PackedHead:
             yield
             return
         head = lm.get_output_embeddings()
-        key = (head.weight.data_ptr(), head.weight._version)
-        if key != self.key:
-            self.key, self.packed = key, torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), None)
+        if self.weight is None or self.weight() is not head.weight or self.version != head.weight._version:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), None)
+            self.weight, self.version = weakref.ref(head.weight), head.weight._version
 
         def forward(x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
             flat = x.reshape(-1, x.shape[-1]).contiguous()
@@ -186,8 +209,8 @@ class PackedHead:
         head.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
         try:
             yield
-        finally:
-            del head.forward
+        finally:  # (pop: a concurrent decode may have removed it already; both heads compute the same)
+            head.__dict__.pop("forward", None)
 
 
 @dataclass

@@ -226,7 +226,10 @@ def decode_jpegs(datas: list[torch.Tensor], *, device: str | torch.device,
         return []
     device = torch.device(device)
     try:
-        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        images = list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        if device.type == "cuda":  # nvjpeg writes on a stream of its own: wait for it before anyone reads
+            torch.cuda.synchronize(device)
+        return images
     except RuntimeError:
         pass
     images = []

@@ -113,11 +113,16 @@ def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, devi
         def run():
             for i in range(n):
                 assert len(decode(cap.model.lm, embeds[i:i + 1], steps=STEPS, stop_id=eos, force=True)) == STEPS
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):  # what this configuration needs: the weights + its most on top of them
+        torch.cuda.synchronize()  # (caches other configurations left behind are not counted; its own are)
+        resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     run() if system != "ref" else None  # warm-up (kernels, allocator, compilation); the reference is too slow
     seconds = timed(run, device)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    peak = None
+    if device.startswith("cuda"):
+        weights = sum(p.numel() * p.element_size() for p in cap.model.parameters())
+        peak = (torch.cuda.max_memory_allocated() - resident + weights) / 2**30
     return {"system": system, "strategy": strategy, "batch": batch, "images": n, "seconds": seconds,
             "images_per_s": n / seconds, "peak_gpu_gib": peak}
 
@@ -157,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="JPEG decoding workers of the end-to-end folder run")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-decode", action="store_true", help="only the end-to-end and training measurements")
     p.add_argument("--repeats", type=int, default=1,
                    help="measure every decoding configuration this many times, in turn; the table shows medians")
     p.add_argument("--train-batch", type=int, default=256 if gpu else 8, help="captions per training step")
@@ -171,7 +177,8 @@ def main(argv=None) -> int:
         cap = build(device, precision)
         # Repeats go round every configuration in turn, so a drift in the machine's speed hits every
         # system alike; the table shows medians.
-        for repeat, strategy in itertools.product(range(args.repeats), ("greedy", "beam")):
+        repeats = 0 if args.skip_decode else args.repeats
+        for repeat, strategy in itertools.product(range(repeats), ("greedy", "beam")):
             for batch in map(int, args.batch_sizes.split(",")):
                 for system in ("ours", "compiled", "hf", "ref") if args.compile else ("ours", "hf", "ref"):
                     if system == "hf" and batch > args.hf_max_batch:
@@ -230,7 +237,8 @@ def main(argv=None) -> int:
     if folder:
         print(f"\nend to end: captioner caption over {folder['images']} JPEGs (256x256, beam 5, {STEPS} tokens, "
               f"batch {folder['batch']}, {folder['precision']}, {folder['workers']} decoding workers"
-              f"{', --compile' if folder['compile'] else ''}, model loading included): {folder['images_per_s']:.2f} images/s")
+              f"{', --compile' if folder['compile'] else ''}, model loading included): "
+              f"{folder['images_per_s']:.2f} images/s")
     if train:
         for t in train:
             print(f"training: MLP mapper + fine-tuned GPT-2 124M, cached features, {t['precision']}: "
