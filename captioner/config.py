@@ -147,8 +147,9 @@ class DecodeConfig:
                            default=True)
     cpu_packed_head: bool = _doc("On CPU in float32, run the LM head on a oneDNN-prepacked copy of its weight "
                                  "(about 10 percent faster decoding; logits equal to ~1e-6).", default=True)
-    static_cache: bool = _doc("Preallocate the KV cache for the whole caption and reorder it in place, so every "
-                              "step has the same shapes (what --compile needs; no gain on its own on CPU).",
+    static_cache: bool = _doc("Preallocate the KV cache for the whole caption (beam reorders gather into a "
+                              "second buffer), so every step has the same shapes (what --compile needs; no gain "
+                              "on its own on CPU).",
                               default=False)
     compile: bool = _doc("torch.compile the LM step over a static KV cache; on CUDA as CUDA graphs (one launch "
                          "per step). Each new batch size compiles first (tens of seconds): for long GPU runs.",

@@ -902,13 +902,13 @@ def _saved_split_name(spec: str) -> str | None:
 def _hf_caption_columns(spec: str, columns: Sequence[str], wanted: str | None) -> list[str]:
     """The caption column(s): named ("caption" or "caption_1,caption_2,..."), else the first of
     HF_CAPTION_COLUMNS, else every numbered column caption_1, caption_2, ... (Clotho on the hub), in order."""
-    if wanted is not None and "," in wanted:
+    if wanted is not None:
         return [_pick_column(spec, columns, name.strip(), HF_CAPTION_COLUMNS, "caption") for name in wanted.split(",")]
     numbered = sorted((c for c in columns if re.fullmatch(r"captions?_\d+", c)),
                       key=lambda c: int(c.rsplit("_", 1)[1]))
-    if wanted is None and numbered and not any(c in columns for c in HF_CAPTION_COLUMNS):
+    if numbered and not any(c in columns for c in HF_CAPTION_COLUMNS):
         return numbered
-    return [_pick_column(spec, columns, wanted, HF_CAPTION_COLUMNS, "caption")]
+    return [_pick_column(spec, columns, None, HF_CAPTION_COLUMNS, "caption")]
 
 
 def _pick_column(spec: str, columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str:

@@ -103,6 +103,9 @@ class StaticCacheStepper(LMStepper):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
             self.compiled = torch.compile(lm.forward, mode="reduce-overhead" if cuda else None, fullgraph=True,
                                           dynamic=False)
+            from torch._dynamo.exc import FailOnRecompileLimitHit
+
+            self.over_limit = FailOnRecompileLimitHit
 
     def prefill(self, embeds):
         self.prefix_len = self.length = embeds.shape[1]  # positions filled so far (no GPU sync to learn it)
@@ -161,11 +164,9 @@ class StaticCacheStepper(LMStepper):
         if self.compiled is self.forward:
             out = self.forward(**kwargs)
         else:
-            from torch._dynamo.exc import FailOnRecompileLimitHit
-
             try:
                 out = self.compiled(**kwargs)
-            except FailOnRecompileLimitHit:
+            except self.over_limit:
                 out = self.forward(**kwargs)  # one shape too many to compile: this one runs eagerly
         self.length += 1
         logits = out.logits[:, -1].float()

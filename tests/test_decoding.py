@@ -291,7 +291,8 @@ def test_packed_head_gives_the_plain_heads_captions_and_follows_weight_updates(t
     for strategy in ("greedy", "beam"):
         plain = DecodeConfig(strategy=strategy, num_beams=3, max_new_tokens=8, cpu_packed_head=False)
         packed = DecodeConfig(strategy=strategy, num_beams=3, max_new_tokens=8)
-        assert cap.caption_features(feats, packed) == cap.caption_features(feats, plain)
+        assert cap.caption_features(feats, plain) == cap.caption_features(feats, packed)
+    assert cap._packed_head.weight() is head.weight  # caption_features did decode with the packed head
     with torch.no_grad():
         head.weight.mul_(-3.0)  # an in-place update, like an optimiser step
     changed = cap.caption_features(feats, packed)
