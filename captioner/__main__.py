@@ -1,5 +1,5 @@
 """`python -m captioner` runs the CLI."""
 
-from .cli import main
+from captioner.cli import main
 
 raise SystemExit(main())

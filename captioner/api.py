@@ -20,16 +20,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import checkpoint
-from .config import DecodeConfig, ModelConfig
-from .data import CaptionExample
-from .decoding import LMStepper, PackedHead, StaticCacheStepper, generate
-from .encoders import build_tokenizer
-from .audio import AudioError, load_audio
-from .images import MAX_PIXELS, ImageError, load_image
-from .jpeg import JpegPipeline, TensorPreprocess, prepare_image
-from .model import CaptionModel
-from .tokens import decode_ids, encode_prompt, pad_id
+from captioner.model import checkpoint
+from captioner.config import DecodeConfig, ModelConfig
+from captioner.data.sets import CaptionExample
+from captioner.decoding.fast import PackedHead, StaticCacheStepper
+from captioner.decoding.search import LMStepper, generate
+from captioner.model.encoders import build_tokenizer
+from captioner.inputs.audio import AudioError, load_audio
+from captioner.inputs.image import MAX_PIXELS, ImageError, load_image
+from captioner.inputs.jpeg import JpegPipeline, TensorPreprocess, prepare_image
+from captioner.model.model import CaptionModel
+from captioner.model.tokens import decode_ids, encode_prompt, pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ class Captioner:
         two-modality captioner says from the image alone); default: every input the captioner takes.
         Unreadable inputs and examples with no usable input are left out of the scores and listed in
         `skipped`."""
-        from .metrics import CaptionScores, score_captions
+        from captioner.scoring.metrics import CaptionScores, score_captions
 
         decode = decode or DecodeConfig()
         if modalities is not None:

@@ -17,8 +17,8 @@ import time
 import typing
 from pathlib import Path
 
-from .config import ConfigError, DecodeConfig, ModelConfig, from_dict, load_config_file, load_json
-from .images import MAX_PIXELS
+from captioner.config import ConfigError, DecodeConfig, ModelConfig, from_dict, load_config_file, load_json
+from captioner.inputs.image import MAX_PIXELS
 
 logger = logging.getLogger("captioner")
 
@@ -103,7 +103,8 @@ def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
 
 
 def cmd_train(args) -> int:
-    from .training import TrainConfig, train
+    from captioner.config import TrainConfig
+    from captioner.train.loop import train
 
     base = load_config_file(args.config) if args.config else {}
     model_base = base.pop("model", {}) if isinstance(base, dict) else {}
@@ -120,8 +121,8 @@ def cmd_train(args) -> int:
 def cmd_caption(args) -> int:
     from tqdm.auto import tqdm
 
-    from .api import Captioner
-    from .outputs import ErrorLog, ResultWriter
+    from captioner.api import Captioner
+    from captioner.shards.outputs import ErrorLog, ResultWriter
 
     decode = config_from_args(DecodeConfig, args)
     if args.output_dir:
@@ -131,7 +132,7 @@ def cmd_caption(args) -> int:
     if args.table:
         if args.images or args.audio:
             raise CLIError("give inputs either as a --table or as images/--audio, not both")
-        from .data import read_input_table
+        from captioner.data.sets import read_input_table
 
         items, failures = read_input_table(args.table)
     elif not args.images and not args.audio:
@@ -197,7 +198,7 @@ def _caption_inputs(images: list[str], audio: list[str] | None) -> tuple[list[di
     """Expand image and audio inputs into items {"image": path, "audio": path} (either or both) and the
     inputs that matched nothing. With both, the expanded lists pair in order
     (folders in sorted order), so their counts must match."""
-    from .data import collect_audio, collect_images
+    from captioner.data.sets import collect_audio, collect_images
 
     image_paths, failures = collect_images(images) if images else ([], [])
     audio_paths, audio_failures = collect_audio(audio) if audio else ([], [])
@@ -219,9 +220,9 @@ def _caption_sharded(args, decode) -> int:
     """--output-dir: shard the inputs, caption this process's shards, merge when all are done."""
     import torch
 
-    from . import sharded
-    from .api import Captioner
-    from .sources import expand_shards
+    from captioner.shards import run as sharded
+    from captioner.api import Captioner
+    from captioner.shards.sources import expand_shards
 
     if args.output:
         raise CLIError("give either --output (one file) or --output-dir (sharded), not both")
@@ -257,7 +258,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from . import sharded
+    from captioner.shards import run as sharded
 
     if not sharded.merge(args.output_dir):
         raise CLIError(f"{args.output_dir}: some shards are not done yet; rerun the captioning job to finish them")
@@ -291,7 +292,7 @@ def _write_json(path: Path, data) -> None:
 def _clip_scorer(args, captioner):
     """CLIPScore model: --clip-score-model if given, else the captioner's own CLIP when it is a named
     pretrained one; otherwise None with a note (a random or custom encoder has no trained text tower)."""
-    from .clipscore import CLIPScorer
+    from captioner.scoring.clipscore import CLIPScorer
 
     if args.no_clip_score:
         return None, None
@@ -310,13 +311,13 @@ DATA_FIELDS = ("image_root", "image_column", "caption_column", "audio_column", "
 
 
 def cmd_eval(args) -> int:
-    from .api import Captioner
-    from .data import load_caption_set
-    from .report import write_report
+    from captioner.api import Captioner
+    from captioner.data.sets import load_caption_set
+    from captioner.scoring.report import write_report
 
     decode = config_from_args(DecodeConfig, args)
     captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    from .training import TrainConfig
+    from captioner.config import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in DATA_FIELDS}
     examples, _ = load_caption_set(args.data, args.split, **{f: getattr(args, f, defaults[f]) for f in DATA_FIELDS})
@@ -333,7 +334,7 @@ def cmd_eval(args) -> int:
     print(f"{args.model} on {args.data} [{args.split}], {len(result.examples)} items, inputs: {used}:")
     print_scores(result.corpus, coco_exact=result.coco_exact, skipped=skipped)
     if with_audio:
-        from .metrics import headline
+        from captioner.scoring.metrics import headline
 
         key, value = headline(result.corpus)
         print(f"  headline: {key} {value:.4f}" + ("" if key == "SPIDEr" else " (SPIDEr needs SPICE; see the note above)"))
@@ -371,8 +372,8 @@ def _ablate(args, captioner, examples, decode, metrics, full) -> dict[str, dict[
 
 
 def cmd_score(args) -> int:
-    from .data import load_references, match_prediction_ids, read_predictions
-    from .metrics import score_captions
+    from captioner.data.sets import load_references, match_prediction_ids, read_predictions
+    from captioner.scoring.metrics import score_captions
 
     references = load_references(args.references, split=args.split)
     predictions = match_prediction_ids(read_predictions(args.predictions), references, source=args.predictions)
@@ -390,7 +391,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_audio_demo, run_demo
+    from captioner.demo.runs import run_audio_demo, run_demo
 
     if args.audio:
         return _audio_demo(args, run_audio_demo)
@@ -445,7 +446,7 @@ def add_captioning_flags(p: argparse.ArgumentParser, func) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training import TrainConfig
+    from captioner.config import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="captioner",
@@ -569,12 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError, ImageError
-    from .encoders import ModelLoadError
-    from .metrics import MetricsError
-    from .model import ModalityError
-    from .sources import SourceError
+    from captioner.model.checkpoint import CheckpointError
+    from captioner.data.sets import DataError, ImageError
+    from captioner.model.encoders import ModelLoadError
+    from captioner.scoring.metrics import MetricsError
+    from captioner.model.model import ModalityError
+    from captioner.shards.sources import SourceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

@@ -48,7 +48,7 @@ def make_shards(folder: Path, shards: int, per_shard: int, size: int) -> None:
 def save_model(path: Path, size: str) -> None:
     from captioner.api import Captioner
     from captioner.config import ModelConfig
-    from captioner.tiny import tiny_config, train_tokenizer
+    from captioner.demo.tiny import tiny_config, train_tokenizer
 
     tok = train_tokenizer(["a photo of a cat on a red mat", "two dogs run in a green field"], vocab_size=300)
     if size == "tiny":

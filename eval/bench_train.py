@@ -31,9 +31,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.config import ModelConfig  # noqa: E402
-from captioner.features import FeatureCache, encoder_key  # noqa: E402
-from captioner.tiny import train_tokenizer  # noqa: E402
-from captioner.training import TrainConfig, train  # noqa: E402
+from captioner.train.features import FeatureCache, encoder_key  # noqa: E402
+from captioner.demo.tiny import train_tokenizer  # noqa: E402
+from captioner.config import TrainConfig  # noqa: E402
+from captioner.train.loop import train  # noqa: E402
 
 WORDS = ("a man woman dog cat red blue green small large sitting standing on in the of with next to near "
          "table street field water grass car bus train plate food pizza bench tree building").split()

@@ -16,7 +16,7 @@ CAPTIONS = ["a red circle at the top left", "a blue square in the center", "a gr
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from captioner.tiny import train_tokenizer
+    from captioner.demo.tiny import train_tokenizer
 
     return train_tokenizer(CAPTIONS * 20, vocab_size=300)
 
@@ -24,7 +24,7 @@ def tokenizer():
 @pytest.fixture
 def make_captioner(tokenizer):
     from captioner.api import Captioner
-    from captioner.tiny import tiny_config
+    from captioner.demo.tiny import tiny_config
 
     def make(seed=0, **overrides):
         torch.manual_seed(seed)
@@ -34,7 +34,7 @@ def make_captioner(tokenizer):
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
-    from captioner.shapes import make_shapes_dataset
+    from captioner.demo.shapes import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=360, n_val=30, n_test=60, seed=1)
 
@@ -44,7 +44,7 @@ def tiny_train_argv(data, root, examples, *, epochs: int, batch_size: int, extra
     examples' captions and saved under root; lr 2e-3, fine-tuned tiny GPT-2, prefix 4."""
     import json
 
-    from captioner.tiny import TINY_CLIP, tiny_gpt2, train_tokenizer
+    from captioner.demo.tiny import TINY_CLIP, tiny_gpt2, train_tokenizer
 
     tok = train_tokenizer([c for ex in examples for c in ex.captions])
     tok.save_pretrained(root / "tokenizer")

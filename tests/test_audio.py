@@ -1,4 +1,4 @@
-"""captioner.audio: reading sound files (formats, scaling, mono, resampling, errors), fit_window, and the
+"""captioner.inputs.audio: reading sound files (formats, scaling, mono, resampling, errors), fit_window, and the
 frozen tiny CLAP / Whisper encoders (offline, random init)."""
 
 import time
@@ -8,10 +8,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from captioner import encoders
-from captioner.audio import (AudioError, build_audio_encoder, fit_window, load_audio, tiny_clap_config,
-                             tiny_whisper_config)
-from captioner.encoders import ModelLoadError
+from captioner.model import encoders
+from captioner.demo.tiny import tiny_clap_config, tiny_whisper_config
+from captioner.inputs.audio import AudioError, fit_window, load_audio
+from captioner.model.audio_encoder import build_audio_encoder
+from captioner.model.encoders import ModelLoadError
 
 
 def tone(freq, seconds, rate, amp=0.5):

@@ -2,7 +2,7 @@
 circle and two high beeps"), one captioner trained with modality dropout is scored from both inputs,
 from the image alone and from the sound alone, against most-frequent-caption baselines."""
 
-from captioner.demo import run_audio_demo
+from captioner.demo.runs import run_audio_demo
 
 
 def test_both_inputs_beat_either_alone_and_each_beats_the_baseline(tmp_path):

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from captioner.api import Captioner
-from captioner.checkpoint import CheckpointError, saved_parts
+from captioner.model.checkpoint import CheckpointError, saved_parts
 from captioner.config import DecodeConfig, ModelConfig
-from captioner.tokens import encode_captions
+from captioner.model.tokens import encode_captions
 
 from conftest import CAPTIONS
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from captioner.cli import main
-from captioner.data import read_imagefolder
-from captioner.demo import most_frequent_caption
-from captioner.metrics import score_captions
-from captioner.tiny import TINY_CLIP
+from captioner.data.sets import read_imagefolder
+from captioner.demo.runs import most_frequent_caption
+from captioner.scoring.metrics import score_captions
+from captioner.demo.tiny import TINY_CLIP
 from conftest import tiny_train_argv
 
 # Learning-test bar: a model that ignores the image cannot beat the most-frequent-caption baseline
@@ -88,7 +88,7 @@ def test_caption_outputs_and_bad_inputs(trained, shapes_data, tmp_path, capsys):
 
 
 def test_hub_name_offline_is_one_clear_line(trained, shapes_data, tmp_path, capsys, monkeypatch):
-    from captioner import encoders
+    from captioner.model import encoders
     monkeypatch.setattr(encoders, "hub_reachable", lambda *a, **k: False)
     code = main(["train", "--data", str(shapes_data), "--output-dir", str(tmp_path / "r"), "--lm", "gpt2",
                  "--clip-config", json.dumps(TINY_CLIP), "--clip-pretrained", "none", "--epochs", "1"])
@@ -191,7 +191,7 @@ def test_score_accepts_caption_output_and_rejects_malformed_predictions(trained,
 def test_captioner_evaluate_api(trained, shapes_data):
     from captioner.api import Captioner
     from captioner.config import DecodeConfig
-    from captioner.data import read_imagefolder
+    from captioner.data.sets import read_imagefolder
 
     run, _ = trained
     examples, _ = read_imagefolder(shapes_data, "test")
@@ -211,12 +211,12 @@ def test_decoding_matches_transformers_generate(trained, shapes_data, strategy):
 
     from captioner.api import Captioner
     from captioner.config import DecodeConfig
-    from captioner.decoding import LMStepper, generate
+    from captioner.decoding.search import LMStepper, generate
 
     run, _ = trained
     cap = Captioner.from_pretrained(run / "best", device="cpu")
     test_ex, _ = read_imagefolder(shapes_data, "test")
-    from captioner.data import load_image
+    from captioner.data.sets import load_image
     with torch.no_grad():
         embeds = cap.model.prefix_embeds(cap.encode([load_image(ex.image) for ex in test_ex[:16]]))[0]
         eos = cap.tokenizer.eos_token_id

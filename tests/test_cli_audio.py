@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from captioner.cli import main
-from captioner.data import read_imagefolder
-from captioner.sounds import make_scenes_dataset
+from captioner.data.sets import read_imagefolder
+from captioner.demo.sounds import make_scenes_dataset
 from conftest import tiny_train_argv
 
 
@@ -20,7 +20,7 @@ def scenes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(scenes, tmp_path_factory):
     root = tmp_path_factory.mktemp("audio_cli")
-    from captioner.audio import tiny_clap_config
+    from captioner.demo.tiny import tiny_clap_config
 
     train_ex, _ = read_imagefolder(scenes, "train")
     argv = tiny_train_argv(scenes, root, train_ex, epochs=1, batch_size=32, extra=[
@@ -120,8 +120,8 @@ def test_caption_from_an_input_table(run, scenes, tmp_path):
 
 
 def test_audio_only_captioner_trains_and_captions(tmp_path, capsys):
-    from captioner.audio import tiny_clap_config
-    from captioner.sounds import make_sounds_dataset
+    from captioner.demo.tiny import tiny_clap_config
+    from captioner.demo.sounds import make_sounds_dataset
 
     sounds = make_sounds_dataset(tmp_path / "sounds", n_train=36, n_val=9, n_test=9, seed=1)
     train_ex, _ = read_imagefolder(sounds, "train")

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from captioner.clipscore import CLIPScorer
-from captioner.encoders import ModelLoadError
+from captioner.scoring.clipscore import CLIPScorer
+from captioner.model.encoders import ModelLoadError
 
 PROMPT = "A photo depicts "
 TINY_CLIP_TEXT = {

@@ -50,7 +50,7 @@ def test_load_json_errors_name_the_file(tmp_path):
 
 def test_train_config_file_with_cli_overrides(tmp_path, monkeypatch):
     """--config supplies values; explicit flags override them; unknown keys in the file are errors."""
-    import captioner.training as training
+    import captioner.train.loop as training
     from captioner.cli import main
 
     seen = {}
@@ -66,7 +66,7 @@ def test_train_config_file_with_cli_overrides(tmp_path, monkeypatch):
 
 
 def test_yaml_config_file(tmp_path, monkeypatch):
-    import captioner.training as training
+    import captioner.train.loop as training
     from captioner.cli import main
 
     seen = {}

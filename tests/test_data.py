@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from captioner.data import (MAX_CAPTION_CHARS, DataError, ImageError, collect_images, load_caption_set,
+from captioner.data.sets import (MAX_CAPTION_CHARS, DataError, ImageError, collect_images, load_caption_set,
                             load_image, load_references, read_caption_table, read_coco_captions,
                             read_hf_dataset, read_imagefolder, read_karpathy, read_predictions)
 
@@ -505,10 +505,10 @@ def test_hf_missing_column_names_it_and_lists_columns(tmp_path):
 def test_hf_hub_name_offline_fails_fast(monkeypatch):
     import time
 
-    import captioner.encoders
+    import captioner.model.encoders
 
     _hf()
-    monkeypatch.setattr(captioner.encoders, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(captioner.model.encoders, "hub_reachable", lambda *a, **k: False)
     start = time.monotonic()
     with pytest.raises(DataError, match=r"hf:some/name: the Hugging Face hub is unreachable.*local path"):
         load_caption_set("hf:some/name", "train")

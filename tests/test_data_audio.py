@@ -9,7 +9,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from captioner.data import (DataError, collect_audio, load_caption_set, load_references, read_audiocaps,
+from captioner.data.sets import (DataError, collect_audio, load_caption_set, load_references, read_audiocaps,
                             read_caption_table, read_clotho, read_hf_dataset, read_imagefolder)
 
 

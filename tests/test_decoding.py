@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from captioner.config import DecodeConfig
-from captioner.decoding import LMStepper, PackedHead, StaticCacheStepper, beam_search, generate, sample_token
+from captioner.decoding.fast import PackedHead, StaticCacheStepper
+from captioner.decoding.search import LMStepper, beam_search, generate, sample_token
 
 EOS, PAD = 0, 0
 START = -1

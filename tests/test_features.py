@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from captioner.config import ModelConfig
-from captioner.features import FeatureCache, encoder_key
-from captioner.tiny import TINY_CLIP
+from captioner.train.features import FeatureCache, encoder_key
+from captioner.demo.tiny import TINY_CLIP
 
 
 @pytest.fixture

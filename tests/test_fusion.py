@@ -9,8 +9,8 @@ from PIL import Image
 
 from captioner.api import Captioner
 from captioner.config import ConfigError, DecodeConfig, ModelConfig
-from captioner.model import ModalityError
-from captioner.training import drop_modalities
+from captioner.model.model import ModalityError
+from captioner.train.loop import drop_modalities
 
 GREEDY = DecodeConfig(strategy="greedy", max_new_tokens=6)
 
@@ -146,7 +146,7 @@ def test_save_load_round_trip_with_audio(both, files, tmp_path):
 
 
 def test_whisper_audio_captioner_round_trip(make_captioner, files, tmp_path):
-    from captioner.audio import tiny_whisper_config
+    from captioner.demo.tiny import tiny_whisper_config
 
     cap = make_captioner(modalities=["audio"], audio_encoder="whisper", audio_config=tiny_whisper_config(),
                          whisper_pool=2)

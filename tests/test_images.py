@@ -11,7 +11,7 @@ import zlib
 import pytest
 from PIL import Image, ImageFile, features
 
-from captioner.images import MAX_PIXELS, ImageError, load_image
+from captioner.inputs.image import MAX_PIXELS, ImageError, load_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 HAS_WEBP = features.check("webp")
@@ -246,7 +246,7 @@ def _check_bad(path, reason):
 # ------------------------------------------------------------------ tests
 
 def test_pil_truncated_loading_stays_off():
-    import captioner.data  # noqa: F401  (neither module may flip Pillow's global switches)
+    import captioner.data.sets  # noqa: F401  (neither module may flip Pillow's global switches)
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     assert Image.MAX_IMAGE_PIXELS == MAX_PIXELS == 89_478_485

@@ -9,9 +9,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageDraw
 
-from captioner import jpeg
-from captioner.images import ImageError, load_image
-from captioner.jpeg import JpegPipeline, TensorPreprocess, decode_jpegs, read_jpeg
+from captioner.inputs import jpeg
+from captioner.inputs.image import ImageError, load_image
+from captioner.inputs.jpeg import JpegPipeline, TensorPreprocess, decode_jpegs, read_jpeg
 from conftest import DEVICE  # eval/gpu_bench.sh runs these on CUDA (nvjpeg)
 
 # torchvision 0.29 deprecates decode_jpeg (in favour of TorchCodec) and warns on every call

@@ -1,4 +1,4 @@
-"""Tests for captioner.metrics: equality with pycocoevalcap's own scorers, hand-derived BLEU and
+"""Tests for captioner.scoring.metrics: equality with pycocoevalcap's own scorers, hand-derived BLEU and
 CIDEr values, input validation, the no-Java fallback and per-image bookkeeping.
 
 Java tests are batched into a few calls: METEOR's JVM needs ~10 s to load its paraphrase table.
@@ -17,8 +17,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from captioner import metrics
-from captioner.metrics import (
+from captioner.scoring import metrics
+from captioner.scoring.metrics import (
     CaptionScores,
     MetricsError,
     evaluate,
@@ -333,7 +333,7 @@ def test_unknown_metric_raises():
 def test_fallback_flags_skip_lines_and_single_warning(monkeypatch, caplog):
     monkeypatch.setattr(metrics, "_fallback_warned", False)
     preds, refs = {1: "a dog", 2: "a cat"}, {1: ["a dog runs"], 2: ["a cat"]}
-    with caplog.at_level(logging.WARNING, logger="captioner.metrics"):
+    with caplog.at_level(logging.WARNING, logger="captioner.scoring.metrics"):
         first = score_captions(preds, refs, metrics=("BLEU", "METEOR", "SPICE"), use_java=False)
         score_captions(preds, refs, use_java=False)
     assert first.coco_exact is False
@@ -379,7 +379,7 @@ def test_simple_tokenize(text, expected):
 
 def test_spider_is_the_mean_of_cider_and_spice(monkeypatch):
     """SPICE needs a CoreNLP download, so its scorer is replaced; SPIDEr must combine whatever it returns."""
-    from captioner import metrics
+    from captioner.scoring import metrics
 
     if not metrics.java_available():
         pytest.skip("SPICE runs only with Java")

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioner.model import IGNORE_INDEX
-from captioner.tokens import encode_captions
+from captioner.model.model import IGNORE_INDEX
+from captioner.model.tokens import encode_captions
 
 from conftest import CAPTIONS
 
@@ -19,7 +19,7 @@ def batch(cap, captions=CAPTIONS[:3], prompt=""):
 @pytest.mark.parametrize("mapper", ["mlp", "transformer"])
 def test_shapes_and_feature_dim_read_from_encoder(make_captioner, mapper):
     cap = make_captioner(mapper=mapper, prompt="a photo of")
-    from captioner.tiny import TINY_CLIP
+    from captioner.demo.tiny import TINY_CLIP
     assert cap.model.image_encoder.output_dim == TINY_CLIP["embed_dim"]
     images = torch.randn(2, 3, 64, 64)
     feats = cap.model.encode_images(images)
@@ -102,7 +102,7 @@ def test_eos_is_learned(make_captioner):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    from captioner.decoding import LMStepper, generate
+    from captioner.decoding.search import LMStepper, generate
     from captioner.config import DecodeConfig
     cap.model.eval()
     with torch.no_grad():

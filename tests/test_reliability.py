@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from captioner.shapes import make_shapes_dataset
-from captioner.tiny import TINY_CLIP, tiny_gpt2
+from captioner.demo.shapes import make_shapes_dataset
+from captioner.demo.tiny import TINY_CLIP, tiny_gpt2
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -20,7 +20,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
     from captioner.api import Captioner
-    from captioner.tiny import tiny_config
+    from captioner.demo.tiny import tiny_config
     import torch
 
     root = tmp_path_factory.mktemp("rel")

@@ -1,4 +1,4 @@
-"""Tests for the self-contained HTML report writer (captioner.report)."""
+"""Tests for the self-contained HTML report writer (captioner.scoring.report)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.report import write_report
+from captioner.scoring.report import write_report
 
 
 class _Collector(HTMLParser):
@@ -171,7 +171,7 @@ def test_missing_image_gives_placeholder(tmp_path: Path, caplog) -> None:
         {"image": _png(tmp_path / "ok.png"), "id": "ok", "prediction": "p", "references": ["r"],
          "scores": {"CIDEr": 3.0}},
     ]
-    with caplog.at_level(logging.WARNING, logger="captioner.report"):
+    with caplog.at_level(logging.WARNING, logger="captioner.scoring.report"):
         text, parser = _parse(write_report(tmp_path / "r.html", its))
     assert len(parser.img_srcs) == 1
     by_id = {r["id"]: r for r in parser.rows}

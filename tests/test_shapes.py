@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes dataset (captioner.shapes)."""
+"""Tests for the synthetic shapes dataset (captioner.demo.shapes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.shapes import (
+from captioner.demo.shapes import (
     ATTRIBUTES,
     BACKGROUND_RGB,
     COLOUR_RGB,

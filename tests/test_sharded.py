@@ -32,7 +32,7 @@ def setup(tmp_path_factory, tokenizer):
     import torch
 
     from captioner.api import Captioner
-    from captioner.tiny import tiny_config
+    from captioner.demo.tiny import tiny_config
 
     root = tmp_path_factory.mktemp("sharded")
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def test_jpegs_decoded_on_device_give_the_same_rows_and_errors(setup, tmp_path, 
     """--jpeg-on-device (run here on CPU): tar members that are plain JPEGs go to the batched decoder; the
     merged captions and the per-key errors equal the PIL path's."""
     from captioner.cli import main
-    from captioner.jpeg import JpegPipeline
+    from captioner.inputs.jpeg import JpegPipeline
 
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -1,4 +1,4 @@
-"""Tests for the generated sounds and scenes datasets (captioner.sounds).
+"""Tests for the generated sounds and scenes datasets (captioner.demo.sounds).
 
 The physical checks measure pitch, spectrum and number of events in the written WAVs and
 the colour and shape in the written PNGs, and compare them with what the captions say.
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.audio import load_audio
-from captioner.shapes import ATTRIBUTES, COLOUR_RGB
-from captioner.sounds import (
+from captioner.inputs.audio import load_audio
+from captioner.demo.shapes import ATTRIBUTES, COLOUR_RGB
+from captioner.demo.sounds import (
     CLIP_SECONDS,
     SAMPLE_RATE,
     SOUND_ATTRIBUTES,

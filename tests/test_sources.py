@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from captioner import sources
-from captioner.sources import (CsvShard, FileShard, Item, ParquetShard, SourceError, TarShard, expand_shards,
+from captioner.shards import sources
+from captioner.shards.sources import (CsvShard, FileShard, Item, ParquetShard, SourceError, TarShard, expand_shards,
                                split_tar_member_name, write_tar_with_captions)
 
 

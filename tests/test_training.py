@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from captioner.config import ConfigError
-from captioner.shapes import make_shapes_dataset
-from captioner.tiny import tiny_config
-from captioner.training import CaptionBatchSampler, TrainConfig, lr_lambda, train
+from captioner.demo.shapes import make_shapes_dataset
+from captioner.demo.tiny import tiny_config
+from captioner.train.loop import CaptionBatchSampler, TrainConfig, lr_lambda, train
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -90,7 +90,7 @@ def test_resume_matches_uninterrupted_run(small_data, tmp_path, tokenizer, accum
 
 def test_resume_with_modality_dropout_matches_uninterrupted_run(tmp_path, tokenizer):
     """Image + audio with modality dropout: the dropped inputs are the same after a resume."""
-    from captioner.sounds import make_scenes_dataset
+    from captioner.demo.sounds import make_scenes_dataset
 
     data = make_scenes_dataset(tmp_path / "scenes", n_train=48, n_val=0, n_test=0, seed=2)
     model = tiny_config(tokenizer, modalities=["image", "audio"])
@@ -113,7 +113,7 @@ def test_two_processes_train_one_consistent_checkpoint(small_data, tmp_path, tok
     import subprocess
     import sys
 
-    from captioner.tiny import TINY_CLIP, tiny_gpt2
+    from captioner.demo.tiny import TINY_CLIP, tiny_gpt2
 
     tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "ddp"

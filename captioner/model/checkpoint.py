@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig, from_dict, load_json, to_dict
+from captioner.config import ConfigError, ModelConfig, from_dict, load_json, to_dict
 
 FORMAT = "captioner"
 FORMAT_VERSION = 2  # 2: per-modality encoders/mappers (1: image only, "mapper.*" keys)
@@ -62,7 +62,7 @@ def resolved_config(model) -> ModelConfig:
     config = ModelConfig(**to_dict(model.config))
     parts = saved_parts(config)
     if "encoders.image" in parts and config.clip_config is None:
-        from .encoders import resolve_clip_config
+        from captioner.model.encoders import resolve_clip_config
 
         config.clip_config = resolve_clip_config(config) or open_clip.get_model_config(config.clip_model)
     if "lm" in parts:

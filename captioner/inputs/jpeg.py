@@ -40,7 +40,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .images import (
+from captioner.inputs.image import (
     MAX_PIXELS,
     ImageError,
     _check_max_pixels,

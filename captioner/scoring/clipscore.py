@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, load_json
-from .encoders import ModelLoadError, create_open_clip
+from captioner.config import ConfigError, load_json
+from captioner.model.encoders import ModelLoadError, create_open_clip
 
 logger = logging.getLogger(__name__)
 

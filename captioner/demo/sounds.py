@@ -1,6 +1,6 @@
 """Offline audio demo datasets: generated sounds, and image + sound "scenes", with reference captions.
 
-The audio counterpart of `captioner.shapes`. Every clip holds one kind of sound repeated a
+The audio counterpart of `captioner.demo.shapes`. Every clip holds one kind of sound repeated a
 number of times (see `SOUND_ATTRIBUTES`): a low beep (~300 Hz sine), a high beep (~2000 Hz
 sine) or a noise burst (white noise), played once, twice or three times. `synthesize`
 renders a clip (2 s at 16 kHz by default: the window of the tiny test audio encoders), with
@@ -8,7 +8,7 @@ random pitch jitter, event lengths, gaps, first onset and gain plus faint backgr
 so no two clips are identical but pitch and count stay measurable. `describe_sound` gives
 the reference captions and `sound_caption_attributes` reads them back.
 
-A scene pairs an image from `captioner.shapes` (one large shape in the centre: colour x
+A scene pairs an image from `captioner.demo.shapes` (one large shape in the centre: colour x
 shape) with an independent sound. Its captions read "{image phrase} and {sound phrase}",
 e.g. "a red circle and two high beeps"; no phrase contains "and" itself, so
 `split_scene_caption` splits a caption on its single " and ".
@@ -23,7 +23,7 @@ Datasets are written in the Hugging Face "imagefolder" layout::
 
 with ``metadata.jsonl`` lines ``{"audio_file": "00012.wav", "captions": [...]}`` (sounds) or
 ``{"file_name": "00012.png", "audio_file": "00012.wav", "captions": [...]}`` (scenes), paths
-relative to the split folder. As in `captioner.shapes`, classes are enumerated in balanced,
+relative to the split folder. As in `captioner.demo.shapes`, classes are enumerated in balanced,
 shuffled blocks: items 0-8, 9-17, ... of a sounds split each hold the 9 sound classes once;
 items 0-107, 108-215, ... of a scenes split each hold every colour x shape x sound x count
 combination once, so image and sound vary independently and a model that knows only one of
@@ -43,7 +43,7 @@ from typing import Callable, Mapping
 import numpy as np
 import soundfile as sf
 
-from . import shapes as _shapes
+from captioner.demo import shapes as _shapes
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def make_scenes_dataset(root: str | Path, *, n_train: int = 864, n_val: int = 10
                         seed: int = 0, image_size: int = 64, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write the scenes dataset under ``root`` (``train/``, ``val/``, ``test/``); return ``root``.
 
-    Each item is a PNG (one large centred shape, drawn as in `captioner.shapes`) and a WAV
+    Each item is a PNG (one large centred shape, drawn as in `captioner.demo.shapes`) and a WAV
     clip as in `make_sounds_dataset`, with ``metadata.jsonl`` rows ``{"file_name": ...,
     "audio_file": ..., "captions": describe_scene(attrs)}``. The defaults give whole blocks
     of 108, so val and test hold every combination once.

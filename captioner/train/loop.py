@@ -21,87 +21,18 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .api import Captioner
-from .config import ConfigError, DecodeConfig, ModelConfig, save_json
-from .data import CaptionExample, load_caption_set, load_image
-from .tokens import pad_id
+from captioner.api import Captioner
+from captioner.config import ConfigError, DecodeConfig, TrainConfig, save_json
+from captioner.data.sets import CaptionExample, load_caption_set, load_image
+from captioner.model.tokens import pad_id
 
 logger = logging.getLogger(__name__)
-
-
-def _doc(text, **kw):
-    return field(metadata={"help": text}, **kw)
-
-
-@dataclass
-class TrainConfig:
-    """A training run. `model` nests the ModelConfig of the captioner being trained."""
-
-    data: str = _doc("Caption set: imagefolder directory, COCO captions JSON, Karpathy split JSON, a "
-                     "CSV/TSV/JSONL table of image,caption rows, or a Hugging Face dataset (a save_to_disk "
-                     "folder, a parquet file, or hf:NAME).", default="")
-    image_root: str | None = _doc("Folder image paths are relative to (COCO/Karpathy; default: the file's "
-                                  "folder).", default=None)
-    output_dir: str = _doc("Run directory: config, metrics.jsonl, last/, best/ and state/.",
-                           default="runs/captioner")
-    image_column: str | None = _doc("Image column of a table or Hugging Face dataset (default: auto-detect).",
-                                    default=None)
-    audio_column: str | None = _doc("Audio column of a table or Hugging Face dataset (default: auto-detect "
-                                    "an Audio feature, 'audio' or 'audio_file').", default=None)
-    audio_root: str | None = _doc("Folder audio files are in (Clotho/AudioCaps CSVs; default: the CSV's "
-                                  "folder).", default=None)
-    modality_dropout: float = _doc("Probability that an item with both image and audio loses one of them "
-                                   "(chosen evenly) in a training step, so the model also captions either "
-                                   "alone; 0 disables.", default=0.3)
-    caption_column: str | None = _doc("Caption column of a table or Hugging Face dataset; for a dataset also several "
-                                      "('caption_1,caption_2'; default: auto-detect, numbered columns included).",
-                                      default=None)
-    train_split: str = _doc("Split used for training (Karpathy: train, restval, train+restval).", default="train")
-    val_split: str | None = _doc("Split used for validation (none to skip).", default="val")
-    strict: bool = _doc("Malformed rows in the caption set are errors instead of being skipped.", default=False)
-    epochs: int = _doc("Passes over all (image, caption) pairs.", default=10)
-    max_steps: int | None = _doc("Stop after this many optimiser steps in total (the schedule still spans "
-                                 "all epochs); with --resume a stopped run continues.", default=None)
-    batch_size: int = _doc("Captions per forward pass, summed over all processes.", default=64)
-    grad_accum_steps: int = _doc("Forward passes accumulated per optimiser step.", default=1)
-    lr: float = _doc("Peak learning rate (AdamW).", default=2e-5)
-    weight_decay: float = _doc("AdamW weight decay.", default=0.01)
-    warmup_steps: int = _doc("Linear warm-up optimiser steps before the schedule.", default=100)
-    schedule: str = _doc("Learning-rate schedule after warm-up: cosine, linear or constant.", default="cosine")
-    grad_clip: float = _doc("Clip the gradient norm to this (0 disables).", default=1.0)
-    max_caption_tokens: int = _doc("Captions are cut to this many tokens (EOS included).", default=40)
-    bucket_by_length: bool = _doc("Group captions of similar length into batches (less padding).", default=True)
-    mixed_precision: str = _doc("Autocast: no, bf16 or fp16.", default="no")
-    seed: int = _doc("Random seed (data order, init).", default=0)
-    feature_cache: str | None = _doc("Directory of the persistent image-feature cache (keyed by encoder); "
-                                     "none encodes into memory at start.", default=None)
-    encode_batch_size: int = _doc("Images per batch when computing image features.", default=64)
-    num_workers: int = _doc("DataLoader workers decoding images for feature extraction.", default=2)
-    val_images: int = _doc("Validation images captioned (greedy) each epoch for BLEU-4/CIDEr (0 skips).",
-                           default=100)
-    save_every: int = _doc("Also save the resumable state every N optimiser steps (0: each epoch only).",
-                           default=0)
-    val_every: int = _doc("Also validate and save last/ (and best/ when better) every N optimiser steps, for "
-                          "long epochs (0: at the end of each epoch only).", default=0)
-    resume: bool = _doc("Continue from <output_dir>/state if it exists.", default=False)
-    log_every: int = _doc("Log the training loss every N optimiser steps.", default=20)
-    model: ModelConfig = field(default_factory=ModelConfig)
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:
-            raise ConfigError("epochs, batch_size and grad_accum_steps must be >= 1")
-        if not 0.0 <= self.modality_dropout <= 1.0:
-            raise ConfigError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -233,7 +164,7 @@ def usable_examples(examples: list[CaptionExample], modalities: list[str], sourc
 def tokenize_pairs(tokenizer, examples: list[CaptionExample], *, max_tokens: int, prompt: str
                    ) -> tuple[list[int], list[list[int]]]:
     """(example row, ids with EOS) for every reference caption."""
-    from .tokens import caption_text
+    from captioner.model.tokens import caption_text
 
     texts = [(i, caption_text(c, prompt)) for i, ex in enumerate(examples) for c in ex.captions]
     encoded = tokenizer([t for _, t in texts], add_special_tokens=False)["input_ids"]
@@ -272,7 +203,7 @@ def _encode_paths(captioner: Captioner, modality: str, paths: list[str], config:
     """Features (N, F) of image or audio files."""
     enc = captioner.model.encoders[modality]
     if config.feature_cache:
-        from .features import FeatureCache, audio_encoder_key, encoder_key
+        from captioner.train.features import FeatureCache, audio_encoder_key, encoder_key
 
         if modality == "image":
             key, encode, preprocess, load = (encoder_key(captioner.config, enc.preprocess), captioner.model.encode_images,
@@ -317,7 +248,7 @@ def _to(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 def caption_metrics(captioner: Captioner, features: ItemFeatures, examples, *, limit: int) -> dict[str, float]:
     """Greedy captions for the first `limit` examples scored with BLEU-4 and CIDEr (pure-Python
     tokenisation: fast, for monitoring; `captioner eval` gives the COCO-exact numbers)."""
-    from .metrics import score_captions
+    from captioner.scoring.metrics import score_captions
 
     n = min(limit, len(examples))
     preds = []

@@ -28,10 +28,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .config import DecodeConfig
-from .images import MAX_PIXELS, ImageError
-from .jpeg import prepare_image
-from .outputs import ResultWriter
+from captioner.config import DecodeConfig
+from captioner.inputs.image import MAX_PIXELS, ImageError
+from captioner.inputs.jpeg import prepare_image
+from captioner.shards.outputs import ResultWriter
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfi
 
 
 def _write_back(shard, out_dir: Path, suffix: str) -> None:
-    from .sources import write_tar_with_captions
+    from captioner.shards.sources import write_tar_with_captions
 
     target = out_dir / "wds" / f"{shard.name}.tar"
     if target.exists():

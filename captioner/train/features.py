@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import load_image
+from captioner.data.sets import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ CACHE_FORMAT = 1
 
 def encoder_key(config, preprocess) -> str:
     """Hash of what determines the features: encoder identity and preprocessing."""
-    from .encoders import resolve_clip_config
+    from captioner.model.encoders import resolve_clip_config
 
     desc = {"format": CACHE_FORMAT, "clip_model": config.clip_model, "clip_pretrained": config.clip_pretrained,
             "clip_config": resolve_clip_config(config), "preprocess": repr(preprocess)}

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MODALITIES, ModelConfig
-from .encoders import build_audio_encoder_from_config, build_image_encoder, build_lm
-from .mapping import build_mapper
+from captioner.config import MODALITIES, ModelConfig
+from captioner.model.encoders import build_audio_encoder_from_config, build_image_encoder, build_lm
+from captioner.model.mapping import build_mapper
 
 IGNORE_INDEX = -100
 
@@ -61,7 +61,7 @@ class CaptionModel(nn.Module):
                     ) -> "CaptionModel":
         """Build all parts. load_weights=False skips fetching pretrained weights for the parts a saved
         captioner carries itself (see checkpoint.saved_parts)."""
-        from .checkpoint import saved_parts  # local import: checkpoint imports this module
+        from captioner.model.checkpoint import saved_parts  # local import: checkpoint imports this module
 
         parts = saved_parts(config)
         lm = build_lm(config, load_weights=load_weights or "lm" not in parts)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig, load_json
+from captioner.config import ConfigError, ModelConfig, load_json
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def build_image_encoder(config: ModelConfig, *, load_weights: bool = True) -> Im
 
 def build_audio_encoder_from_config(config: ModelConfig, *, load_weights: bool = True) -> nn.Module:
     """The frozen audio encoder a ModelConfig names (see audio.py for the encoders themselves)."""
-    from .audio import build_audio_encoder  # local: audio.py imports this module
+    from captioner.model.audio_encoder import build_audio_encoder  # local: it imports this module
 
     return build_audio_encoder(config.audio_encoder, config.audio_model, config=config.audio_config,
                                load_weights=load_weights, whisper_pool=config.whisper_pool or None)

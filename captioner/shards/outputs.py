@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .data import DataError
+from captioner.data.sets import DataError
 
 
 def _complete_lines(path: Path) -> bytes:

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from .images import ImageError, load_image  # noqa: F401  (re-exported: the data layer's image reader)
+from captioner.inputs.image import ImageError, load_image  # noqa: F401  (re-exported: the data layer's image reader)
 
 logger = logging.getLogger(__name__)
 
@@ -852,7 +852,7 @@ def _load_hf(spec: str):
         name, _, config = spec[len(HF_PREFIX):].partition(":")
         if not name.strip():
             raise DataError(f"{spec}: no dataset name after 'hf:' (e.g. hf:nlphuji/flickr30k)")
-        from . import encoders
+        from captioner.model import encoders
 
         if not encoders.hub_reachable():
             try:  # a dataset loaded once before is in the local cache

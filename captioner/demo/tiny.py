@@ -1,12 +1,12 @@
 """Tiny offline parts: a small open_clip ResNet tower, a small GPT-2 and a byte-level BPE tokenizer
-trained on the fly (the tiny CLAP / Whisper audio configs are in audio.py). Used by the offline demo and the tests; nothing here touches the network.
+trained on the fly and tiny CLAP / Whisper audio configs. Used by the offline demo and the tests; nothing here touches the network.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
-from .config import ModelConfig
+from captioner.config import ModelConfig
 
 EOS = "<|endoftext|>"
 
@@ -39,7 +39,6 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 400):
 def tiny_config(tokenizer, **overrides) -> ModelConfig:
     """ModelConfig of a tiny captioner (random CLIP tower, GPT-2 from scratch, fine-tuned); with
     modalities including "audio", a random tiny CLAP audio encoder (16 kHz, 2 s windows)."""
-    from .audio import tiny_clap_config
 
     kw = dict(clip_config=TINY_CLIP, clip_pretrained=None, lm_config=tiny_gpt2(len(tokenizer)),
               finetune_lm=True, prefix_length=4, mapper_layers=2, mapper_heads=4, clip_length=4)
@@ -47,3 +46,40 @@ def tiny_config(tokenizer, **overrides) -> ModelConfig:
         kw["audio_config"] = tiny_clap_config()
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+def tiny_clap_config() -> dict:
+    """A small random-init CLAP config (inline-config format of `build_audio_encoder`): 16 mel bins, 16 kHz,
+    2 s windows, 32-d features. HTSAT constraints met: freq_ratio = spec_size // num_mel_bins = 4; the
+    201 mel frames fit spec_size * freq_ratio = 256; 64 // patch_stride 4 = 16x16 patches, two stages
+    (16 -> 8) with window 4; hidden_size = patch_embeds_hidden_size * 2 ** (stages - 1) = 32."""
+    return {
+        "audio_config": {
+            "num_mel_bins": 16, "spec_size": 64, "window_size": 4, "patch_size": 4, "patch_stride": [4, 4],
+            "patch_embeds_hidden_size": 16, "hidden_size": 32, "depths": [1, 1], "num_attention_heads": [2, 2],
+            "num_hidden_layers": 2, "hidden_dropout_prob": 0.0,
+        },
+        "text_config": {
+            "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32, "max_position_embeddings": 32,
+        },
+        "projection_dim": 32,
+        "feature_extractor": {
+            "feature_size": 16, "sampling_rate": 16000, "hop_length": 160, "max_length_s": 2,
+            "fft_window_size": 400, "frequency_min": 50, "frequency_max": 8000,
+            "truncation": "rand_trunc", "padding": "repeatpad",
+        },
+    }
+
+
+def tiny_whisper_config() -> dict:
+    """A small random-init Whisper config: 16 mel bins, 16 kHz, 2 s windows (200 mel frames ->
+    max_source_positions 100 encoder frames), d_model 32, one encoder and one decoder layer."""
+    return {
+        "num_mel_bins": 16, "d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 64, "decoder_layers": 1, "decoder_attention_heads": 2, "decoder_ffn_dim": 64,
+        "vocab_size": 64, "max_source_positions": 100, "max_target_positions": 16,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1,
+        "feature_extractor": {"feature_size": 16, "sampling_rate": 16000, "hop_length": 160, "chunk_length": 2,
+                              "n_fft": 400},
+    }

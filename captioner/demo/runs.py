@@ -17,15 +17,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .api import Captioner
-from .config import DecodeConfig
-from .data import read_imagefolder
-from .metrics import score_captions
-from .report import write_report
-from .shapes import make_shapes_dataset
-from .sounds import make_scenes_dataset, split_scene_caption
-from .tiny import tiny_config, train_tokenizer
-from .training import TrainConfig, train
+from captioner.api import Captioner
+from captioner.config import DecodeConfig
+from captioner.data.sets import read_imagefolder
+from captioner.scoring.metrics import score_captions
+from captioner.scoring.report import write_report
+from captioner.demo.shapes import make_shapes_dataset
+from captioner.demo.sounds import make_scenes_dataset, split_scene_caption
+from captioner.demo.tiny import tiny_config, train_tokenizer
+from captioner.config import TrainConfig
+from captioner.train.loop import train
 
 logger = logging.getLogger(__name__)
 

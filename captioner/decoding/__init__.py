@@ -1,0 +1,3 @@
+"""Decoding over a prefix of LM embeddings: search.py (greedy, beam, nucleus over a `Stepper`) and
+fast.py (static KV cache / CUDA graphs, packed LM head on CPU) behind the same interface.
+"""

@@ -1,0 +1,3 @@
+"""Scoring captions: metrics.py (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, SPIDEr as COCO computes them),
+clipscore.py (CLIPScore / RefCLIPScore), report.py (self-contained HTML report).
+"""
