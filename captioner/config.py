@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioner.errors import ConfigError  # noqa: F401  (defined in errors.py)
+
 CONFIG_VERSION = 1
 MODALITIES = ("image", "audio")  # the order of their segments in the prefix
 
-
-class ConfigError(ValueError):
-    """A configuration file or value is malformed (unknown key, wrong type, bad value)."""
 
 
 def _doc(text: str, **kwargs: Any) -> Any:

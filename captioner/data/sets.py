@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from captioner.errors import DataError  # noqa: F401  (defined in errors.py)
 from captioner.inputs.image import ImageError, load_image  # noqa: F401  (re-exported: the data layer's image reader)
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,6 @@ MAX_CAPTION_CHARS = 1000  # characters in one caption
 MAX_REFERENCES = 100  # reference captions in one row
 MAX_FILE_BYTES = 4 * 2**30  # a caption-set, reference or prediction file read whole (COCO Karpathy: 140 MB)
 
-
-class DataError(ValueError):
-    """A caption set or an input path is malformed; the message names the file (and line)."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ import os
 
 import numpy as np
 
+from captioner.errors import AudioError  # noqa: F401  (defined in errors.py)
 from captioner.inputs.image import open_regular_file
 
 logger = logging.getLogger(__name__)
@@ -66,9 +67,6 @@ _UNSUPPORTED_SIGNATURES = (
 _SNIFF_BYTES = 4096
 _MAX_DETAIL = 200
 
-
-class AudioError(ValueError):
-    """One audio file could not be read; the message names the file and the reason ("PATH: REASON", one line)."""
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -54,6 +54,8 @@ import stat
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from captioner.errors import ImageError  # noqa: F401  (defined in errors.py)
+
 logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS (about 0.25 GiB of 24-bit pixels)
@@ -93,9 +95,6 @@ _HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"hevx": "HEI
 _SNIFF_BYTES = 4096
 _MAX_DETAIL = 200  # characters of a library message kept in a reason
 
-
-class ImageError(ValueError):
-    """One image could not be read; the message names the file and the reason ("PATH: REASON", one line)."""
 
 
 def load_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) -> Image.Image:

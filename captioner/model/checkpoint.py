@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from captioner.errors import CheckpointError  # noqa: F401  (defined in errors.py)
 from captioner.config import ConfigError, ModelConfig, from_dict, load_json, to_dict
 
 FORMAT = "captioner"
@@ -23,9 +24,6 @@ FORMAT_VERSION = 2  # 2: per-modality encoders/mappers (1: image only, "mapper.*
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
-
-class CheckpointError(RuntimeError):
-    """A saved captioner is missing, incomplete, corrupted or does not match its config."""
 
 
 def saved_parts(config: ModelConfig) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from captioner.errors import ModelLoadError  # noqa: F401  (defined in errors.py)
 from captioner.config import ConfigError, ModelConfig, load_json
 
 logger = logging.getLogger(__name__)
@@ -32,9 +33,6 @@ KNOWN_CLIP_MODELS = {
 }
 KNOWN_LMS = ("gpt2", "distilgpt2", "gpt2-medium", "gpt2-large", "facebook/opt-125m", "facebook/opt-350m")
 
-
-class ModelLoadError(RuntimeError):
-    """A pretrained part could not be loaded (offline hub name, missing path, bad checkpoint)."""
 
 
 OFFLINE_HINT = (

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioner.errors import ModalityError  # noqa: F401  (defined in errors.py)
 from captioner.config import MODALITIES, ModelConfig
 from captioner.model.encoders import build_audio_encoder_from_config, build_image_encoder, build_lm
 from captioner.model.mapping import build_mapper
@@ -27,9 +28,6 @@ IGNORE_INDEX = -100
 
 Features = dict[str, torch.Tensor]  # modality -> (B, F_m)
 
-
-class ModalityError(ValueError):
-    """An input uses a modality the captioner was not trained with (or gives none)."""
 
 
 @dataclass

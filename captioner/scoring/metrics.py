@@ -46,6 +46,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer as _ptb
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
+from captioner.errors import MetricsError  # noqa: F401  (defined in errors.py)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -88,10 +90,6 @@ _MAX_NAMED_IDS = 5
 
 _fallback_warned = False
 
-
-class MetricsError(ValueError):
-    """Invalid metric inputs (mismatched ids, empty reference lists, non-string captions), an
-    unknown metric name, or Java required (`use_java=True`) but unusable."""
 
 
 @dataclass

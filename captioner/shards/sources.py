@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator, Mapping, Sequence
 
+from captioner.errors import SourceError  # noqa: F401  (defined in errors.py)
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -66,9 +68,6 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _TAR_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
 
-
-class SourceError(ValueError):
-    """An input spec cannot be turned into shards (missing file, unknown format, no image column...)."""
 
 
 @dataclass
