@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from captioner.model import encoders
+from captioner import hub
 from captioner.demo.tiny import tiny_clap_config, tiny_whisper_config
 from captioner.inputs.audio import AudioError, fit_window, load_audio
 from captioner.model.audio_encoder import build_audio_encoder
@@ -200,7 +200,7 @@ def test_tiny_encoder_output_dim_read_from_model(tiny_encoder):
 
 
 def test_unreachable_hub_fails_fast(monkeypatch):
-    monkeypatch.setattr(encoders, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
     start = time.perf_counter()
     with pytest.raises(ModelLoadError) as info:
         build_audio_encoder("clap", "nobody-here/clap-that-does-not-exist")

@@ -88,8 +88,8 @@ def test_caption_outputs_and_bad_inputs(trained, shapes_data, tmp_path, capsys):
 
 
 def test_hub_name_offline_is_one_clear_line(trained, shapes_data, tmp_path, capsys, monkeypatch):
-    from captioner.model import encoders
-    monkeypatch.setattr(encoders, "hub_reachable", lambda *a, **k: False)
+    from captioner import hub
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
     code = main(["train", "--data", str(shapes_data), "--output-dir", str(tmp_path / "r"), "--lm", "gpt2",
                  "--clip-config", json.dumps(TINY_CLIP), "--clip-pretrained", "none", "--epochs", "1"])
     err = capsys.readouterr().err.strip().splitlines()

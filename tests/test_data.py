@@ -505,10 +505,10 @@ def test_hf_missing_column_names_it_and_lists_columns(tmp_path):
 def test_hf_hub_name_offline_fails_fast(monkeypatch):
     import time
 
-    import captioner.model.encoders
+    import captioner.hub
 
     _hf()
-    monkeypatch.setattr(captioner.model.encoders, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(captioner.hub, "hub_reachable", lambda *a, **k: False)
     start = time.monotonic()
     with pytest.raises(DataError, match=r"hf:some/name: the Hugging Face hub is unreachable.*local path"):
         load_caption_set("hf:some/name", "train")

@@ -828,20 +828,6 @@ def is_saved_hf_dataset(path: str | Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in HF_SAVED_MARKERS)
 
 
-@contextlib.contextmanager
-def _hf_offline():
-    """`datasets` and `huggingface_hub` use local files and caches only (no download retries)."""
-    import datasets.config as ds_config
-    import huggingface_hub.constants as hub_constants
-
-    old = ds_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-    ds_config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        ds_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = old
-
-
 def _load_hf(spec: str):
     """The Dataset or DatasetDict that `spec` names (see `read_hf_dataset`), or DataError."""
     import datasets
@@ -850,11 +836,11 @@ def _load_hf(spec: str):
         name, _, config = spec[len(HF_PREFIX):].partition(":")
         if not name.strip():
             raise DataError(f"{spec}: no dataset name after 'hf:' (e.g. hf:nlphuji/flickr30k)")
-        from captioner.model import encoders
+        from captioner import hub
 
-        if not encoders.hub_reachable():
+        if not hub.hub_reachable():
             try:  # a dataset loaded once before is in the local cache
-                with _hf_offline():
+                with hub.hub_offline():
                     return datasets.load_dataset(name, config or None)
             except Exception:
                 raise DataError(
@@ -870,7 +856,7 @@ def _load_hf(spec: str):
     if not path.exists():
         raise DataError(f"{spec}: no such file or directory (a hub dataset is named hf:OWNER/NAME)")
     try:
-        with _hf_offline():
+        with hub.hub_offline():
             if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
                 return datasets.load_from_disk(str(path))
             if path.is_dir():

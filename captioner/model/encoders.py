@@ -8,10 +8,8 @@ explaining how to use a local path instead.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +18,8 @@ from torch import nn
 
 from captioner.errors import ModelLoadError  # noqa: F401  (defined in errors.py)
 from captioner.config import ConfigError, ModelConfig, load_json
+from captioner import hub
+from captioner.hub import OFFLINE_HINT, call_hub, is_local  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -32,43 +32,6 @@ KNOWN_CLIP_MODELS = {
     "ViT-B-32-quickgelu": "laion400m_e32",
 }
 KNOWN_LMS = ("gpt2", "distilgpt2", "gpt2-medium", "gpt2-large", "facebook/opt-125m", "facebook/opt-350m")
-
-
-
-OFFLINE_HINT = (
-    "Offline, use a local path instead: an open_clip checkpoint file for --clip-pretrained (with "
-    "--clip-model or --clip-config), a directory written by save_pretrained for --lm / --tokenizer; "
-    "or load it once on a machine with internet so it is in the Hugging Face cache."
-)
-
-
-HUB_HOST = "huggingface.co"
-
-
-@functools.lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers; when it does not, loading by name uses the local cache
-    only, so an offline machine fails in seconds instead of minutes of download retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _hub_offline():
-    """Make huggingface_hub use its local cache only (for libraries without a local_files_only flag)."""
-    import huggingface_hub.constants as hub_constants
-
-    old = hub_constants.HF_HUB_OFFLINE
-    hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub_constants.HF_HUB_OFFLINE = old
 
 
 class ImageEncoder(nn.Module):
@@ -155,9 +118,9 @@ def create_open_clip(model_name: str, pretrained: str | None, *, needs_hub: bool
 
     if needs_hub is None:
         needs_hub = bool(pretrained) and not os.path.exists(pretrained)
-    offline = needs_hub and not hub_reachable()
+    offline = needs_hub and not hub.hub_reachable()
     try:
-        with _hub_offline() if offline else contextlib.nullcontext():
+        with hub.hub_offline() if offline else contextlib.nullcontext():
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for unknown or unreachable weights
         why = "the hub is unreachable and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
@@ -179,10 +142,6 @@ def _load_visual_checkpoint(visual: nn.Module, path: str) -> None:
     if any(k.startswith("visual.") for k in state):
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     visual.load_state_dict(state, strict=True)
-
-
-def lm_source_is_local(name: str) -> bool:
-    return Path(name).expanduser().is_dir()
 
 
 def build_lm(config: ModelConfig, *, load_weights: bool = True) -> nn.Module:
@@ -213,16 +172,3 @@ def build_tokenizer(config: ModelConfig, directory: str | Path | None = None):
     if tok.eos_token_id is None:
         raise ModelLoadError(f"tokenizer {name!r} has no EOS token; captions need one to end")
     return tok
-
-
-def call_hub(load: Callable, what: str, name: str, *, hint: str = OFFLINE_HINT, **kwargs):
-    """Call a transformers from_pretrained; offline, only the local cache is tried; failures are one
-    ModelLoadError line ending with `hint`."""
-    local = lm_source_is_local(name)
-    offline = not local and not hub_reachable()
-    try:
-        return load(name, local_files_only=offline, **kwargs)
-    except (OSError, ValueError) as e:
-        where = "local directory" if local else "hub id"
-        why = "the hub is unreachable and it is not in the local cache" if offline else " ".join(str(e).split())
-        raise ModelLoadError(f"could not load {what} {name!r} ({where}): {why}. {hint}") from None
