@@ -17,7 +17,8 @@ import time
 import typing
 from pathlib import Path
 
-from captioner.config import ConfigError, DecodeConfig, ModelConfig, from_dict, load_config_file, load_json
+from captioner.config import (ConfigError, DecodeConfig, ModelConfig, from_dict, load_config_file, load_json,
+                              nonnegative_int, positive_int)
 from captioner.inputs.image import MAX_PIXELS
 
 logger = logging.getLogger("captioner")
@@ -114,7 +115,8 @@ def cmd_train(args) -> int:
     if not config.data:
         raise CLIError("--data is required (an imagefolder caption set), or give it in --config")
     best = train(config, argv=["captioner", *args._argv])
-    print(f"best captioner saved to {best}")
+    print(f"best captioner saved to {best}" if best.name == "best" else
+          f"captioner saved to {best} (no best/: no finite validation score)")
     return EXIT_OK
 
 
@@ -437,7 +439,7 @@ def _audio_demo(args, run_audio_demo) -> int:
 def add_captioning_flags(p: argparse.ArgumentParser, func) -> None:
     """Flags shared by the commands that caption with a saved captioner."""
     p.add_argument("--model", required=True, help="directory of a saved captioner (config.json + model.safetensors)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default: 32)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="precision of every part (default: float32; bfloat16 is much faster on recent GPUs)")
@@ -474,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "in --output and caption only the other images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--errors", help="where failures go (JSONL; default: OUTPUT.errors.jsonl)")
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+    p.add_argument("--max-pixels", type=nonnegative_int, default=MAX_PIXELS,
                    help=f"refuse images of more pixels than this, before decoding (decompression-bomb guard; "
                         f"0: no limit; default: {MAX_PIXELS})")
     g = p.add_argument_group("sharded captioning of large collections (inputs: folders, files, WebDataset "
@@ -482,8 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", help="sharded mode: one output file per shard in DIR/shards, merged into "
                                         "DIR/captions.jsonl; under torchrun/accelerate launch each process takes "
                                         "its share of the shards; rerunning continues where it stopped")
-    g.add_argument("--files-per-shard", type=int, default=1000, help="loose image files per shard (default: 1000)")
-    p.add_argument("--num-workers", type=int, default=2, help="file decoding workers per process, reading the next "
+    g.add_argument("--files-per-shard", type=positive_int, default=1000, help="loose image files per shard (default: 1000)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=2, help="file decoding workers per process, reading the next "
                                                               "batches while the model captions this one (default: 2)")
     p.add_argument("--jpeg-on-device", action=argparse.BooleanOptionalAction, default=None,
                    help="workers only read plain JPEG files; they are decoded and resized on the device in batches "
@@ -520,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "input alone (default: every input the captioner takes)")
     p.add_argument("--ablate", action="store_true", help="two-input captioners: also caption from each input "
                                                          "alone and print the scores side by side")
-    p.add_argument("--limit", type=int, help="evaluate only the first N items")
-    p.add_argument("--num-workers", type=int, default=2, help="file decoding workers (default: 2)")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N items")
+    p.add_argument("--num-workers", type=nonnegative_int, default=2, help="file decoding workers (default: 2)")
     p.add_argument("--output-dir", help="write scores.json, predictions.json and report.html here")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")
     p.add_argument("--clip-score-model", help="open_clip model for CLIPScore (default: the captioner's own "
@@ -562,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="store_true", help="the image + sound variant: scenes whose captions need "
                                                         "both inputs, a tiny CLAP audio encoder, scored from both "
                                                         "inputs, the image alone and the sound alone")
-    p.add_argument("--epochs", type=int, help="training epochs (default: 12)")
-    p.add_argument("--n-train", type=int, help="training items (default: 600 images; 432 scenes with --audio)")
+    p.add_argument("--epochs", type=positive_int, help="training epochs (default: 12)")
+    p.add_argument("--n-train", type=positive_int, help="training items (default: 600 images; 432 scenes with --audio)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -576,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     from captioner.scoring.metrics import MetricsError
     from captioner.model.model import ModalityError
     from captioner.shards.sources import SourceError
+    from captioner.errors import TrainingError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -588,6 +591,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CLIError, ConfigError, CheckpointError, DataError, ImageError, ModelLoadError, MetricsError,
-            SourceError, ModalityError) as e:
+            SourceError, ModalityError, TrainingError) as e:
         print(f"captioner {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,8 +9,10 @@ Unknown keys are errors, never silently ignored.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,48 @@ MODALITIES = ("image", "audio")  # the order of their segments in the prefix
 
 def _doc(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
+
+
+# Rules for numeric fields: name -> (test, what the value must be). NaN fails every test.
+_RULES = {
+    ">=0": (lambda v: v >= 0, "an integer >= 0"), ">=1": (lambda v: v >= 1, "an integer >= 1"),
+    ">=2": (lambda v: v >= 2, "an integer >= 2"), ">0": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ">=0f": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"), "finite": (math.isfinite, "a finite number"),
+    "0..1": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0..1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def _check_numbers(config: Any, rules: dict[str, str]) -> None:
+    """Numeric fields checked up front, before any work: {field: rule of _RULES}; None passes (an unset
+    optional). Every bad field is named, in one line."""
+    bad = []
+    for name, rule in rules.items():
+        value = getattr(config, name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # types are checked by from_dict
+        test, want = _RULES[rule]
+        if not test(value):
+            bad.append(f"{name} must be {want}, got {value}")
+    if bad:
+        raise ConfigError("; ".join(bad))
+
+
+def _cli_int(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+# argparse `type=` for numeric flags that are not config fields: the value is refused while parsing,
+# before any output is created.
+positive_int, nonnegative_int = _cli_int(1), _cli_int(0)
 
 
 @dataclass
@@ -114,8 +158,7 @@ class ModelConfig:
         self.modalities = [m for m in MODALITIES if m in self.modalities]  # canonical (prefix) order
         if self.audio_encoder not in ("clap", "whisper"):
             raise ConfigError(f"audio_encoder must be 'clap' or 'whisper', got {self.audio_encoder!r}")
-        if self.whisper_pool < 0 or (self.audio_prefix_length is not None and self.audio_prefix_length < 1):
-            raise ConfigError("whisper_pool must be >= 0 and audio_prefix_length >= 1")
+        _check_numbers(self, {"mlp_hidden": ">=1", "whisper_pool": ">=0", "audio_prefix_length": ">=1"})
 
     def segment_length(self, modality: str) -> int:
         """Prefix embeddings a modality contributes."""
@@ -158,20 +201,16 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "beam", "sample"):
             raise ConfigError(f"strategy must be greedy, beam or sample, got {self.strategy!r}")
-        if self.num_beams < 1 or self.num_captions < 1 or self.max_new_tokens < 1:
-            raise ConfigError("num_beams, num_captions and max_new_tokens must be >= 1")
+        _check_numbers(self, {"num_beams": ">=1", "num_captions": ">=1", "max_new_tokens": ">=1",
+                              "length_penalty": "finite", "top_p": "(0..1]", "top_k": ">=0", "temperature": ">0"})
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.strategy == "beam" and self.num_captions > self.num_beams:
             raise ConfigError(f"num_captions ({self.num_captions}) cannot exceed num_beams ({self.num_beams})")
         if self.strategy == "greedy" and self.num_captions != 1:
             raise ConfigError("greedy decoding returns one caption per image; use beam or sample")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if (self.static_cache or self.compile) and not self.use_cache:
             raise ConfigError("static_cache and compile need the KV cache (use_cache)")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -229,6 +268,9 @@ class TrainConfig:
                           "long epochs (0: at the end of each epoch only).", default=0)
     resume: bool = _doc("Continue from <output_dir>/state if it exists.", default=False)
     log_every: int = _doc("Log the training loss every N optimiser steps.", default=20)
+    max_nonfinite_steps: int = _doc("A step whose loss or gradient is not finite (NaN/inf) is skipped; this many "
+                                    "in a row stop training with an error (the weights are saved when still "
+                                    "finite).", default=5)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -236,10 +278,14 @@ class TrainConfig:
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:
-            raise ConfigError("epochs, batch_size and grad_accum_steps must be >= 1")
-        if not 0.0 <= self.modality_dropout <= 1.0:
-            raise ConfigError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
+        _check_numbers(self, {
+            "epochs": ">=1", "max_steps": ">=1", "batch_size": ">=1", "grad_accum_steps": ">=1", "lr": ">0",
+            "weight_decay": ">=0f", "warmup_steps": ">=0", "grad_clip": ">=0f", "max_caption_tokens": ">=2",
+            "modality_dropout": "0..1", "seed": ">=0", "encode_batch_size": ">=1", "num_workers": ">=0",
+            "val_images": ">=0", "save_every": ">=0", "val_every": ">=0", "log_every": ">=1",
+            "max_nonfinite_steps": ">=1"})
+        if self.seed >= 2 ** 32:  # numpy's seed range
+            raise ConfigError(f"seed must be < 2**32, got {self.seed}")
 
 
 def _check_type(cls: type, name: str, value: Any, hint: Any) -> None:

@@ -59,3 +59,7 @@ class FileSystemError(CaptionerError, OSError):
     """An operating-system error (missing folder, permission, disk full) while reading or writing our files."""
 
     exit_code = 3
+
+
+class TrainingError(CaptionerError, RuntimeError):
+    """Training cannot go on (the loss stopped being finite); the message says what was saved."""

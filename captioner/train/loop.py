@@ -17,20 +17,20 @@ import contextlib
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from captioner.api import Captioner
-from captioner.config import ConfigError, DecodeConfig, TrainConfig, save_json
+from captioner.config import DecodeConfig, TrainConfig, save_json
 from captioner.data.sets import CaptionExample, load_caption_set, load_image
-from captioner.model.tokens import pad_id
+from captioner.errors import TrainingError
+from captioner.train.batching import (CaptionBatchSampler, ItemFeatures, drop_modalities, make_loader,  # noqa: F401
+                                      tokenize_pairs, usable_examples)
+from captioner.train.state import check_resume_config, latest_state, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -42,142 +42,6 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-
-
-# ------------------------------------------------------------------ data
-
-
-class CaptionBatchSampler:
-    """Batches of pair indices for one process.
-
-    Each epoch the pairs are shuffled with (seed, epoch); with bucketing, chunks of 50 global batches
-    are sorted by caption length before being cut, and the batch order is shuffled again. Each global
-    batch is split round-robin across processes; a final global batch smaller than the number of
-    processes is merged into the previous one, so every process runs the same number of batches and
-    every pair is used exactly once per epoch.
-    """
-
-    def __init__(self, lengths: list[int], *, batch_size: int, seed: int, bucket: bool, shuffle: bool = True,
-                 rank: int = 0, world: int = 1):
-        if len(lengths) < world:
-            raise ConfigError(f"{len(lengths)} training captions cannot be split across {world} processes")
-        self.lengths, self.batch_size, self.seed, self.bucket, self.shuffle = lengths, batch_size, seed, bucket, shuffle
-        self.rank, self.world = rank, world
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch's order; skip its first `start` batches (resuming mid-epoch)."""
-        self.epoch, self.start = epoch, start
-
-    def global_batches(self) -> list[list[int]]:
-        n = len(self.lengths)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        if self.bucket:
-            chunk = self.batch_size * 50
-            order = [i for s in range(0, n, chunk)
-                     for i in sorted(order[s:s + chunk], key=lambda i: self.lengths[i])]
-        batches = [order[s:s + self.batch_size] for s in range(0, n, self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < self.world:
-            batches[-2].extend(batches.pop())
-        if self.bucket and self.shuffle:
-            perm = torch.randperm(len(batches), generator=g).tolist()
-            batches = [batches[i] for i in perm]
-        return batches
-
-    def __iter__(self):
-        for batch in self.global_batches()[self.start:]:
-            yield batch[self.rank::self.world]
-
-    def __len__(self) -> int:
-        return len(self.global_batches()) - self.start
-
-
-class _Pairs(torch.utils.data.Dataset):
-    """(feature row, caption token ids) pairs; ids are tokenised once, up front."""
-
-    def __init__(self, rows: list[int], ids: list[list[int]]):
-        self.rows, self.ids = rows, ids
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i], self.ids[i]
-
-
-@dataclass
-class ItemFeatures:
-    """Features of a caption set's items: {modality: (N, F_m)}, rows without that input are zeros and
-    marked False in present {modality: (N,) bool}."""
-
-    features: dict[str, torch.Tensor]
-    present: dict[str, torch.Tensor]
-
-    def rows(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return ({m: f[index] for m, f in self.features.items()}, {m: p[index] for m, p in self.present.items()})
-
-
-class _Collate:
-    def __init__(self, features: ItemFeatures, pad: int):
-        self.features, self.pad = features, pad
-
-    def __call__(self, items):
-        width = max(len(ids) for _, ids in items)
-        ids = torch.full((len(items), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, (_, row) in enumerate(items):
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
-        feats, present = self.features.rows(torch.tensor([r for r, _ in items]))  # {m: (B, F_m)}, {m: (B,)}
-        return feats, present, ids, mask  # ..., (B, T), (B, T)
-
-
-def drop_modalities(present: dict[str, torch.Tensor], p: float, generator: torch.Generator
-                    ) -> dict[str, torch.Tensor]:
-    """Modality dropout: each row holding two or more inputs loses one of them (chosen evenly) with
-    probability p; a row never loses its last input."""
-    if p <= 0 or len(present) < 2:
-        return present
-    kinds = list(present)
-    held = torch.stack([present[m] for m in kinds], dim=1)  # (B, M)
-    eligible = held.sum(1) >= 2
-    drop = (torch.rand(held.shape[0], generator=generator) < p) & eligible  # (B,)
-    # Which input to drop: uniform among the held ones (random scores, held only, argmax).
-    which = torch.where(held, torch.rand(held.shape, generator=generator), -1.0).argmax(1)  # (B,)
-    lose = torch.nn.functional.one_hot(which, len(kinds)).bool() & drop[:, None]
-    return {m: held[:, j] & ~lose[:, j] for j, m in enumerate(kinds)}
-
-
-def usable_examples(examples: list[CaptionExample], modalities: list[str], source: str) -> list[CaptionExample]:
-    """The examples with at least one input the model takes; the others are counted and skipped."""
-    kept = [ex for ex in examples if any(m in ex.inputs for m in modalities)]
-    if len(kept) < len(examples):
-        logger.warning("%s: %d of %d items have no %s input and are skipped", source, len(examples) - len(kept),
-                       len(examples), " or ".join(modalities))
-    if not kept:
-        raise ConfigError(f"{source}: no item has a {' or '.join(modalities)} input (the model's modalities); "
-                          "set --modalities to the inputs the caption set has")
-    return kept
-
-
-def tokenize_pairs(tokenizer, examples: list[CaptionExample], *, max_tokens: int, prompt: str
-                   ) -> tuple[list[int], list[list[int]]]:
-    """(example row, ids with EOS) for every reference caption."""
-    from captioner.model.tokens import caption_text
-
-    texts = [(i, caption_text(c, prompt)) for i, ex in enumerate(examples) for c in ex.captions]
-    encoded = tokenizer([t for _, t in texts], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return [i for i, _ in texts], [ids[:max_tokens - 1] + [eos] for ids in encoded]
-
-
-def make_loader(features, rows, ids, tokenizer, sampler) -> torch.utils.data.DataLoader:
-    # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run's
-    # dropout masks would differ from an uninterrupted run's.
-    return torch.utils.data.DataLoader(_Pairs(rows, ids), batch_sampler=sampler, pin_memory=torch.cuda.is_available(),
-                                       collate_fn=_Collate(features, pad_id(tokenizer)),
-                                       generator=torch.Generator().manual_seed(0))
 
 
 def encode_examples(captioner: Captioner, examples: list[CaptionExample], config: TrainConfig, *,
@@ -288,50 +152,52 @@ class _Logger:
             self.tb.flush()
 
 
-def _latest_state(out: Path) -> Path | None:
-    """The newest complete saved state: state/, or state.old/ if a kill fell between the two renames."""
-    for name in ("state", "state.old"):
-        if (out / name / "progress.json").exists():
-            return out / name
-    return None
+
+@contextlib.contextmanager
+def _own_accelerator_state():
+    """accelerate keeps process-wide singletons: each train() starts from fresh ones (a second run in the
+    same process, e.g. at another precision, must not inherit the first one's) and gives the caller's back
+    when it ends. The process group (PartialState) is shared and kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    saved = [(cls, dict(cls._shared_state)) for cls in (AcceleratorState, GradientState)]
+    for cls, _ in saved:
+        cls._shared_state.clear()
+    try:
+        yield
+    finally:
+        for cls, state in saved:
+            cls._shared_state.clear()
+            cls._shared_state.update(state)
 
 
-def _save_state(accelerator, out: Path, progress: dict) -> None:
-    """Resumable state, swapped in atomically: a kill mid-save leaves the previous state intact."""
-    tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    # accelerate warns on every save that the tied GPT-2 lm_head is stored once; tying restores it on load.
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps(progress))
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier kill; final is complete
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+def _saved_text(out: Path, saved: dict[str, int]) -> str:
+    if not saved:
+        return f"nothing was saved in {out}"
+    return f"saved in {out}: " + ", ".join(f"{name}/ (step {step})" for name, step in saved.items())
 
 
 def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None) -> Path:
-    """Train a captioner; returns the path of the best saved captioner."""
+    """Train a captioner; returns the path of the best saved captioner (`last/` when no validation score was
+    finite). Raises TrainingError when the loss is not finite for `max_nonfinite_steps` steps in a row."""
+    out = Path(config.output_dir)
+    state_dir = latest_state(out)
+    resuming = config.resume and state_dir is not None
+    if resuming:  # before anything in the run directory changes
+        check_resume_config(config, state_dir)
+    with _own_accelerator_state():
+        return _train(config, out, state_dir if resuming else None, tokenizer=tokenizer, argv=argv)
+
+
+def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer, argv) -> Path:
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    # accelerate keeps one global state; a second train() in the same process (another precision) must
-    # not inherit the first one's. The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
-    out = Path(config.output_dir)
-    main_proc = accelerator.is_main_process
-    state_dir = _latest_state(out)
-    resuming = config.resume and state_dir is not None
+    main_proc, resuming = accelerator.is_main_process, state_dir is not None
     if config.resume and not resuming:
-        logger.info("--resume: no state in %s, starting from scratch", out)
+        logger.info("resume: no state in %s, starting from scratch", out)
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         save_json(config, out / "train_config.json")
@@ -386,18 +252,16 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup=config.warmup_steps, total=total_steps, schedule=config.schedule))
     # The scheduler is stepped once per optimiser step by us (not prepared: accelerate would step it
-    # once per process), but saved with the state.
+    # once per process); it is saved with the state.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
-    progress = {"step": 0, "epoch": 0, "batch": 0, "best": float("inf")}
+    progress = {"step": 0, "epoch": 0, "batch": 0, "best": float("inf"), "saved": {}}
     if resuming:
-        accelerator.load_state(str(state_dir))
-        progress = json.loads((state_dir / "progress.json").read_text())
+        progress = load_state(accelerator, state_dir, model=model, optimizer=optimizer, scheduler=scheduler)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, progress["step"],
                     progress["epoch"] + 1, progress["batch"])
     log = _Logger(out, main_proc)
-    step = progress["step"]
+    step, saved = progress["step"], dict(progress.get("saved", {}))
     unwrapped = accelerator.unwrap_model(model)
 
     def validate_and_save(epoch_no: int, train_loss: float) -> None:
@@ -417,17 +281,27 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
             cap.save_pretrained(out / "last", step=step, epoch=epoch_no)
             if score < progress["best"]:
                 cap.save_pretrained(out / "best", step=step, epoch=epoch_no)
-        if score < progress["best"]:
-            progress["best"] = score
+        saved["last"] = step
+        if score < progress["best"]:  # a NaN score is never the best
+            progress["best"], saved["best"] = score, step
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        saved["state"] = step
+        save_state(accelerator, out, model=model, optimizer=optimizer, scheduler=scheduler, config=config,
+                   progress={**progress, "step": step, "epoch": epoch, "batch": batch, "saved": saved})
 
     model.train()
-    stop = False
-    for epoch in range(progress["epoch"], config.epochs):
+    stop, bad_run = None, 0  # stop: None, "max_steps" or "nonfinite"; bad_run: non-finite steps in a row
+    if config.max_steps is not None and step >= config.max_steps:
+        logger.info("already at max_steps=%d: nothing to train", config.max_steps)
+        stop = "max_steps"
+    for epoch in range(progress["epoch"], config.epochs if stop is None else 0):
         start = progress["batch"] if epoch == progress["epoch"] else 0
         sampler.set_epoch(epoch, start)
         n_batches = start + len(sampler)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not main_proc)
         t0, seen, loss, done_batches = time.perf_counter(), 0, None, start
+        bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # this step met a non-finite value
         for i, (features, present, ids_b, mask) in enumerate(bar, start=start):
             # Seeded by position, not by a running RNG, so a resumed run drops the same inputs.
             present = drop_modalities(present, config.modality_dropout,
@@ -439,11 +313,27 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                 loss = model(features, ids_b, mask, present).loss
                 accelerator.backward(loss / config.grad_accum_steps)
+            bad |= ~torch.isfinite(loss.detach())
             seen += ids_b.shape[0] * world
             if not last_micro:
                 continue
+            done_batches = i + 1
             if config.grad_clip > 0:
-                accelerator.clip_grad_norm_(params, config.grad_clip)
+                norm = accelerator.clip_grad_norm_(params, config.grad_clip)
+                if config.mixed_precision != "fp16":  # fp16: the gradient scaler skips inf gradients itself
+                    bad |= ~torch.isfinite(norm)
+            if world > 1:  # every process takes the same decision
+                bad = accelerator.reduce(bad.float(), reduction="sum") > 0
+            # One wait for the device per step (as a GradScaler does): a non-finite step must not reach the weights.
+            if bad.item():
+                optimizer.zero_grad(set_to_none=True)
+                bad, bad_run = torch.zeros_like(bad), bad_run + 1
+                logger.warning("epoch %d, batch %d: the loss or its gradient is not finite; step skipped", epoch + 1, i + 1)
+                if bad_run >= config.max_nonfinite_steps:
+                    stop = "nonfinite"
+                    break
+                continue
+            bad_run = 0
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -455,21 +345,36 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
                 if step % config.log_every == 0:
                     log.log({"step": step, "epoch": epoch + 1, "loss": value, "lr": scheduler.get_last_lr()[0],
                              "captions_per_s": rate, "captions": seen, "time": time.time()})
-            done_batches = i + 1
             if config.val_every and step % config.val_every == 0 and done_batches < n_batches:
                 validate_and_save(epoch + 1, loss.item())  # the epoch's end validates anyway
             if config.save_every and step % config.save_every == 0 and done_batches < n_batches:
-                _save_state(accelerator, out, {**progress, "step": step, "epoch": epoch, "batch": done_batches})
+                checkpoint(epoch, done_batches)
             if config.max_steps is not None and step >= config.max_steps:
-                stop = True
+                stop = "max_steps"
                 break
-        if stop:
-            if not (config.save_every and step % config.save_every == 0):
-                _save_state(accelerator, out, {**progress, "step": step, "epoch": epoch, "batch": done_batches})
-            logger.info("stopped at max_steps=%d; continue with --resume", config.max_steps)
+        train_loss = loss.item() if loss is not None else float("nan")
+        if stop == "nonfinite":
+            # Skipped steps leave the weights as they were, unless a finite step made them non-finite (a
+            # learning rate far too large): then nothing more is saved and the last good saves stay.
+            if all(torch.isfinite(p).all() for p in params):
+                validate_and_save(epoch + 1, train_loss)
+                checkpoint(epoch, done_batches)
+            accelerator.wait_for_everyone()
+            raise TrainingError(f"the training loss was not finite for {bad_run} optimiser steps in a row (epoch "
+                                f"{epoch + 1}, batch {done_batches}, after step {step}); training stopped; "
+                                f"{_saved_text(out, saved)}")
+        if stop and done_batches < n_batches:  # max_steps mid-epoch: the final model and a state to resume
+            if saved.get("last") != step:
+                validate_and_save(epoch + 1, train_loss)
+            if saved.get("state") != step:
+                checkpoint(epoch, done_batches)
+            logger.info("stopped at max_steps=%d; resume to continue", config.max_steps)
             break
-        validate_and_save(epoch + 1, loss.item() if loss is not None else float("nan"))
+        validate_and_save(epoch + 1, train_loss)
         progress = {**progress, "step": step, "epoch": epoch + 1, "batch": 0}
-        _save_state(accelerator, out, progress)
+        checkpoint(epoch + 1, 0)
+        if stop:
+            break
     accelerator.wait_for_everyone()
-    return out / "best"
+    logger.info("%s", _saved_text(out, saved))
+    return out / ("best" if "best" in saved else "last")
