@@ -105,3 +105,67 @@ def test_loading_arbitrary_bytes_raises_only_config_error(raw, tmp_path_factory)
         from_dict(DecodeConfig, load_json(path))
     except ConfigError:
         pass
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    ("TrainConfig", "lr", NAN), ("TrainConfig", "lr", -1.0), ("TrainConfig", "lr", INF), ("TrainConfig", "lr", 0.0),
+    ("TrainConfig", "weight_decay", -1.0), ("TrainConfig", "weight_decay", NAN),
+    ("TrainConfig", "encode_batch_size", 0), ("TrainConfig", "log_every", 0), ("TrainConfig", "warmup_steps", -5),
+    ("TrainConfig", "max_caption_tokens", 0), ("TrainConfig", "val_every", -1), ("TrainConfig", "save_every", -1),
+    ("TrainConfig", "max_steps", 0), ("TrainConfig", "max_steps", -1), ("TrainConfig", "grad_clip", NAN),
+    ("TrainConfig", "grad_clip", -1.0), ("TrainConfig", "num_workers", -1), ("TrainConfig", "val_images", -1),
+    ("TrainConfig", "seed", -1), ("TrainConfig", "modality_dropout", NAN), ("TrainConfig", "max_nonfinite_steps", 0),
+    ("TrainConfig", "epochs", 0), ("TrainConfig", "batch_size", -2),
+    ("DecodeConfig", "temperature", NAN), ("DecodeConfig", "temperature", INF), ("DecodeConfig", "top_p", NAN),
+    ("DecodeConfig", "top_p", 1.5), ("DecodeConfig", "num_beams", 0), ("DecodeConfig", "max_new_tokens", 0),
+    ("DecodeConfig", "top_k", -1), ("DecodeConfig", "length_penalty", NAN),
+    ("ModelConfig", "mlp_hidden", 0), ("ModelConfig", "whisper_pool", -1), ("ModelConfig", "audio_prefix_length", 0),
+])
+def test_numeric_fields_are_checked_up_front(cls, field, value):
+    """NaN, infinite, negative or zero where not allowed: one line naming the field."""
+    from captioner import config
+
+    with pytest.raises(ConfigError) as e:
+        from_dict(getattr(config, cls), {field: value}, source="cfg")
+    assert f"{field} must be" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--lr", "nan"], ["--lr", "-1"], ["--weight-decay", "-1"], ["--encode-batch-size", "0"], ["--log-every", "0"],
+    ["--warmup-steps", "-5"], ["--max-caption-tokens", "0"], ["--val-every", "-1"], ["--max-steps", "0"],
+])
+def test_bad_numeric_train_flags_fail_before_any_output(tmp_path, capsys, argv):
+    from captioner.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path), "--output-dir", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"{argv[0][2:].replace('-', '_')} must be" in err and len(err.strip().split("\n")) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--batch-size", "0"], "--batch-size"), (["--max-pixels", "-1"], "--max-pixels"),
+    (["--num-workers", "-1"], "--num-workers"), (["--output-dir", "OUT", "--files-per-shard", "0"], "--files-per-shard"),
+    (["--temperature", "nan", "--strategy", "sample"], "temperature"),
+])
+def test_bad_numeric_caption_flags_fail_before_any_output(tmp_path, capsys, make_captioner, argv, flag):
+    """Refused while parsing, before the output exists (a crash there used to leave an output that blocks
+    the rerun)."""
+    from captioner.cli import main
+
+    make_captioner().save_pretrained(tmp_path / "model")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    out = tmp_path / "c.jsonl"
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    try:
+        rc = main(["caption", str(tmp_path / "a.png"), "--model", str(tmp_path / "model"), "-o", str(out), *argv])
+    except SystemExit as e:  # argparse: usage error
+        rc = e.code
+    assert rc == 2 and flag in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "out").exists()
