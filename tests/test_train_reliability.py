@@ -164,23 +164,25 @@ class _Payload:
 
 @pytest.mark.parametrize("target", ["optimizer.pt", None])
 def test_crafted_pickle_in_state_is_never_run(cut_run, data, tmp_path, tokenizer, target):
-    """A pickle that runs code, put where the state files are (ours, and accelerate's names): resume
-    refuses it with one line, or never reads it; the code never runs."""
+    """A pickle that runs code, put where the state files are (ours, and the pickles accelerate's
+    save_state wrote): resume refuses it with one line, or never reads it; the code never runs."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(cut_run, run)
     marker = tmp_path / "pwned"
-    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl"):
         torch.save(_Payload(marker), run / "state" / name)
-    if target:
-        torch.save({"optimizer": _Payload(marker)}, run / "state" / target)
-        with pytest.raises(CheckpointError) as e:
-            train(_config(data, run, tokenizer, resume=True), tokenizer=tokenizer)
-        assert "refused" in str(e.value) and "\n" not in str(e.value)
-    else:
-        train(_config(data, run, tokenizer, resume=True, max_steps=2), tokenizer=tokenizer)
-    assert not marker.exists()
+    try:
+        if target:
+            torch.save({"optimizer": _Payload(marker)}, run / "state" / target)
+            with pytest.raises(CheckpointError) as e:
+                train(_config(data, run, tokenizer, resume=True), tokenizer=tokenizer)
+            assert "refused" in str(e.value) and "\n" not in str(e.value)
+        else:
+            train(_config(data, run, tokenizer, resume=True, max_steps=2), tokenizer=tokenizer)
+    finally:
+        assert not marker.exists()
 
 
 def test_state_of_another_architecture_is_one_line(cut_run, data, tmp_path, tokenizer):
