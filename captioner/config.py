@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.errors import ConfigError  # noqa: F401  (defined in errors.py)
+from captioner.files import atomic_write
 
 CONFIG_VERSION = 1
 MODALITIES = ("image", "audio")  # the order of their segments in the prefix
@@ -330,7 +331,7 @@ def to_dict(obj: Any) -> dict:
 
 def save_json(obj: Any, path: str | Path, **extra: Any) -> None:
     data = {**extra, **to_dict(obj)}
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def load_json(path: str | Path) -> dict:

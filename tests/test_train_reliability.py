@@ -198,3 +198,20 @@ def test_state_of_another_architecture_is_one_line(cut_run, data, tmp_path, toke
     with pytest.raises(CheckpointError, match="model.safetensors: does not fit the model") as e:
         train(config, tokenizer=tokenizer)
     assert "\n" not in str(e.value)
+
+
+def test_state_is_strict_json_and_an_old_pickled_state_is_refused(cut_run, data, tmp_path, tokenizer):
+    import shutil
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+    progress = strict((cut_run / "state" / "progress.json").read_text())
+    assert progress["step"] == 1 and progress["saved"] == {"last": 1, "best": 1, "state": 1}
+    strict((cut_run / "state" / "rng_0.json").read_text())
+    run = tmp_path / "run"
+    shutil.copytree(cut_run, run)
+    del progress["format"]  # what accelerate's save_state left, with its pickles beside it
+    (run / "state" / "progress.json").write_text(json.dumps(progress))
+    with pytest.raises(CheckpointError, match="earlier version"):
+        train(_config(data, run, tokenizer, resume=True), tokenizer=tokenizer)

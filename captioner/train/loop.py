@@ -4,11 +4,11 @@ The encoders are frozen, so each unique image and sound is encoded once before t
 into a persistent feature cache, see features.py), never once per caption. Items may have an image, a
 sound or both; with `modality_dropout` a two-input item sometimes loses one of them for a step, so a
 model trained on pairs also captions either input alone. Batches are length-bucketed and
-sharded across processes by `CaptionBatchSampler`, which gives every process the same number of
-batches and every (image, caption) pair to exactly one process once per epoch. The run directory
-holds the resolved config, the command line, `metrics.jsonl` (and TensorBoard logs when installed),
-`last/` and `best/` captioners, and `state/` (model, optimizer, scheduler, RNG, data position) for
-`--resume`.
+sharded across processes by `CaptionBatchSampler` (batching.py), which gives every process the same
+number of batches and every (image, caption) pair to exactly one process once per epoch. A step whose
+loss or gradient is not finite is skipped; `max_nonfinite_steps` of them in a row stop the run with a
+TrainingError. The run directory holds the resolved config, the command line, `metrics.jsonl` (and
+TensorBoard logs when installed), `last/` and `best/` captioners, and `state/` for resuming (state.py).
 """
 
 from __future__ import annotations

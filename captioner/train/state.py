@@ -6,8 +6,8 @@
 - `rng_<rank>.json`: the Python, NumPy and torch (CPU, CUDA) random states of each process;
 - `train_config.json`: the config the state belongs to; a resume with a changed config is checked
   against it (`check_resume_config`);
-- `progress.json`: step, epoch, batch, best score, what was saved; written last, so its presence marks a
-  complete state.
+- `progress.json`: step, epoch, batch, best score (null before the first), what was saved (strict JSON);
+  written last, so its presence marks a complete state.
 
 A save is written to `state.tmp/` and swapped in by two renames; a kill leaves `state/` or `state.old/`.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.config import TrainConfig, to_dict
+from captioner.config import TrainConfig, save_json, to_dict
 from captioner.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -113,12 +114,13 @@ def save_state(accelerator, out: Path, *, model, optimizer, scheduler, config: T
         scaler = getattr(accelerator, "scaler", None)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
-        (tmp / "train_config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        save_json(config, tmp / "train_config.json")
     accelerator.wait_for_everyone()
     (tmp / f"rng_{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps({**progress, "format": STATE_FORMAT}))
+        best = progress["best"] if math.isfinite(progress["best"]) else None  # strict JSON: no Infinity
+        (tmp / "progress.json").write_text(json.dumps({**progress, "best": best, "format": STATE_FORMAT}))
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier kill; final is complete
             os.replace(final, old)
@@ -149,6 +151,8 @@ def load_state(accelerator, state_dir: Path, *, model, optimizer, scheduler) -> 
     if not isinstance(progress, dict) or progress.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{state_dir}: saved by an earlier version (pickled accelerate state), which is not "
                               "loaded because unpickling can run code; start the run again without resuming")
+    if progress.get("best") is None:
+        progress["best"] = float("inf")
     try:
         load_model(accelerator.unwrap_model(model), str(state_dir / "model.safetensors"),
                    device=str(accelerator.device))
