@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.config import ConfigError, TrainConfig
+from captioner.config import ConfigError
 from captioner.demo.shapes import make_shapes_dataset
 from captioner.demo.tiny import tiny_config
 from captioner.errors import CheckpointError, TrainingError
 from captioner.train.loop import train
+from test_training import _config as training_config
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +23,7 @@ def data(tmp_path_factory):
 
 
 def _config(data, out, tokenizer, **kw):
-    base = dict(data=str(data), output_dir=str(out), epochs=2, batch_size=16, lr=2e-3, warmup_steps=2,
-                val_images=0, log_every=1, seed=5, model=tiny_config(tokenizer))
-    return TrainConfig(**{**base, **kw})
+    return training_config(data, out, tokenizer, **{"batch_size": 16, "warmup_steps": 2, **kw})
 
 
 def _finite(run: Path, name: str = "last") -> bool:
