@@ -484,9 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", help="sharded mode: one output file per shard in DIR/shards, merged into "
                                         "DIR/captions.jsonl; under torchrun/accelerate launch each process takes "
                                         "its share of the shards; rerunning continues where it stopped")
-    g.add_argument("--files-per-shard", type=positive_int, default=1000, help="loose image files per shard (default: 1000)")
-    p.add_argument("--num-workers", type=nonnegative_int, default=2, help="file decoding workers per process, reading the next "
-                                                              "batches while the model captions this one (default: 2)")
+    g.add_argument("--files-per-shard", type=positive_int, default=1000,
+                   help="loose image files per shard (default: 1000)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=2, help="file decoding workers per process, reading "
+                   "the next batches while the model captions this one (default: 2)")
     p.add_argument("--jpeg-on-device", action=argparse.BooleanOptionalAction, default=None,
                    help="workers only read plain JPEG files; they are decoded and resized on the device in batches "
                         "(nvjpeg on CUDA; pixels may differ from PIL's by a level or two). "
@@ -565,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "both inputs, a tiny CLAP audio encoder, scored from both "
                                                         "inputs, the image alone and the sound alone")
     p.add_argument("--epochs", type=positive_int, help="training epochs (default: 12)")
-    p.add_argument("--n-train", type=positive_int, help="training items (default: 600 images; 432 scenes with --audio)")
+    p.add_argument("--n-train", type=positive_int,
+                   help="training items (default: 600 images; 432 scenes with --audio)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -34,7 +34,8 @@ def _doc(text: str, **kwargs: Any) -> Any:
 _RULES = {
     ">=0": (lambda v: v >= 0, "an integer >= 0"), ">=1": (lambda v: v >= 1, "an integer >= 1"),
     ">=2": (lambda v: v >= 2, "an integer >= 2"), ">0": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-    ">=0f": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"), "finite": (math.isfinite, "a finite number"),
+    ">=0f": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "finite": (math.isfinite, "a finite number"),
     "0..1": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0..1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
 }
 

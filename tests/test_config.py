@@ -149,7 +149,8 @@ def test_bad_numeric_train_flags_fail_before_any_output(tmp_path, capsys, argv):
 
 @pytest.mark.parametrize("argv, flag", [
     (["--batch-size", "0"], "--batch-size"), (["--max-pixels", "-1"], "--max-pixels"),
-    (["--num-workers", "-1"], "--num-workers"), (["--output-dir", "OUT", "--files-per-shard", "0"], "--files-per-shard"),
+    (["--num-workers", "-1"], "--num-workers"),
+    (["--output-dir", "OUT", "--files-per-shard", "0"], "--files-per-shard"),
     (["--temperature", "nan", "--strategy", "sample"], "temperature"),
 ])
 def test_bad_numeric_caption_flags_fail_before_any_output(tmp_path, capsys, make_captioner, argv, flag):

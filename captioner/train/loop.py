@@ -328,7 +328,8 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
             if bad.item():
                 optimizer.zero_grad(set_to_none=True)
                 bad, bad_run = torch.zeros_like(bad), bad_run + 1
-                logger.warning("epoch %d, batch %d: the loss or its gradient is not finite; step skipped", epoch + 1, i + 1)
+                logger.warning("epoch %d, batch %d: the loss or its gradient is not finite; step skipped",
+                               epoch + 1, i + 1)
                 if bad_run >= config.max_nonfinite_steps:
                     stop = "nonfinite"
                     break
