@@ -60,12 +60,15 @@ class InputReader:
         self.image_preprocess, self.audio_loader = image_preprocess, audio_loader
         self.max_pixels, self.jpegs = _check_max_pixels(max_pixels), jpegs
 
-    def __call__(self, item: dict, name: str) -> dict[str, Any]:
+    def __call__(self, item: dict, name: str | dict[str, str]) -> dict[str, Any]:
+        """name: how errors name an input that is not a path (one for all, or one per modality)."""
+        names = name if isinstance(name, dict) else {}
+        fallback = name if isinstance(name, str) else "item"
         unknown = sorted(set(item) - set(MODALITIES))
         if unknown:
-            raise InputError(f"{name}: unknown input kind {unknown[0]!r} (expected image and/or audio)")
-        return {m: (self.image if m == "image" else self.audio)(v, input_name(v, name))
-                for m, v in item.items() if m in MODALITIES}
+            raise InputError(f"{fallback}: unknown input kind {unknown[0]!r} (expected image and/or audio)")
+        return {m: (self.image if m == "image" else self.audio)(v, input_name(v, names.get(m, fallback)))
+                for m, v in item.items()}
 
     def image(self, value, name: str):
         if self.image_preprocess is None:
@@ -99,7 +102,7 @@ class InputReader:
                              f"{type(value).__name__}{getattr(value, 'shape', '')}")
         return {k: v[0] for k, v in load.preprocess(value).items()}  # no batch dimension, as from a file
 
-    def read(self, key, item: dict, name: str) -> Row:
+    def read(self, key, item: dict, name: str | dict[str, str]) -> Row:
         try:
             return key, self(item, name), None
         except InputError as e:
