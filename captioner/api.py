@@ -1,10 +1,11 @@
-"""The Python API: `Captioner` = CaptionModel + tokenizer + input reading (images, sounds).
+"""The Python API: `Captioner` = CaptionModel + tokenizer, reading inputs through the one loader
+(inputs/loader.py: paths, bytes, PIL images, arrays; images and sounds).
 
     cap = Captioner.from_pretrained("runs/demo/model")
     cap.caption(["a.jpg", "b.png"])                       # -> ["a red circle ...", ...]
     cap.caption("a.jpg", decode=DecodeConfig(strategy="sample", num_captions=3, seed=0))
     cap.caption("frame.jpg", audio="frame.wav")           # a captioner trained on image + audio
-    cap.iter_captions(paths_or_dicts, num_workers=4)      # streaming, errors per item
+    cap.iter_captions(paths_or_dicts, num_workers=4)      # streaming, errors per item (caption() wraps it)
 """
 
 from __future__ import annotations
