@@ -1,10 +1,11 @@
-"""The Python API: `Captioner` = CaptionModel + tokenizer + input reading (images, sounds).
+"""The Python API: `Captioner` = CaptionModel + tokenizer, reading inputs through the one loader
+(inputs/loader.py: paths, bytes, PIL images, arrays; images and sounds).
 
     cap = Captioner.from_pretrained("runs/demo/model")
     cap.caption(["a.jpg", "b.png"])                       # -> ["a red circle ...", ...]
     cap.caption("a.jpg", decode=DecodeConfig(strategy="sample", num_captions=3, seed=0))
     cap.caption("frame.jpg", audio="frame.wav")           # a captioner trained on image + audio
-    cap.iter_captions(paths_or_dicts, num_workers=4)      # streaming, errors per item
+    cap.iter_captions(paths_or_dicts, num_workers=4)      # streaming, errors per item (caption() wraps it)
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from captioner.model import checkpoint
 from captioner.config import DecodeConfig, ModelConfig
@@ -26,9 +27,10 @@ from captioner.data.sets import CaptionExample
 from captioner.decoding.fast import PackedHead, StaticCacheStepper
 from captioner.decoding.search import LMStepper, generate
 from captioner.model.encoders import build_tokenizer
-from captioner.inputs.audio import AudioError, load_audio
 from captioner.inputs.image import MAX_PIXELS, ImageError, load_image
-from captioner.inputs.jpeg import JpegPipeline, TensorPreprocess, prepare_image
+from captioner.inputs.jpeg import JpegPipeline, TensorPreprocess
+from captioner.inputs.loader import (InputDataset, InputReader, as_item, group_rows, is_single, load_batches,
+                                     stack_inputs)
 from captioner.model.model import CaptionModel
 from captioner.model.tokens import decode_ids, encode_prompt, pad_id
 
@@ -45,50 +47,6 @@ class EvalResult:
     examples: list[CaptionExample]
     coco_exact: bool
     skipped: list[str]  # metrics not computed, and why; images that could not be read
-
-
-class _InputFiles(torch.utils.data.Dataset):
-    """Item i -> (i, {modality: preprocessed input}, None), or (i, None, "PATH: reason") when a file cannot
-    be read. Runs in DataLoader workers, so it holds only picklable preprocessing, not the model. With
-    `jpegs`, plain JPEG files come back as `JpegBytes` instead of preprocessed tensors."""
-
-    def __init__(self, items: list[dict], *, image_preprocess, audio_loader, max_pixels: int | None,
-                 jpegs: bool = False):
-        self.items, self.image_preprocess, self.audio_loader = items, image_preprocess, audio_loader
-        self.max_pixels, self.jpegs = max_pixels, jpegs
-
-    def _image(self, path):
-        return prepare_image(path, name=os.fsdecode(path), preprocess=self.image_preprocess,
-                             max_pixels=self.max_pixels, jpegs=self.jpegs)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        try:
-            out = {}
-            for m, path in self.items[i].items():
-                out[m] = self._image(path) if m == "image" else self.audio_loader(path)
-            return i, out, None
-        except (ImageError, AudioError) as e:
-            return i, None, str(e)
-
-
-def _decode_jpegs(batch: list, pipeline: JpegPipeline) -> list:
-    """A loader batch with its JPEGs decoded on the device in one call; a file that cannot be decoded
-    becomes that item's error, as in the PIL path."""
-    rows = [j for j, (_, tensors, _) in enumerate(batch) if tensors is not None and "image" in tensors]
-    batch = list(batch)
-    for j, image in zip(rows, pipeline.resolve([batch[j][1]["image"] for j in rows])):
-        i, tensors, _ = batch[j]
-        batch[j] = (i, None, str(image)) if isinstance(image, ImageError) else (i, {**tensors, "image": image}, None)
-    return batch
-
-
-def _is_one(images, audio) -> bool:
-    """Whether caption() got a single input rather than lists."""
-    one = (str, Path, Image.Image, np.ndarray)
-    return (images is not None and isinstance(images, one)) or (images is None and isinstance(audio, one))
 
 
 def default_device() -> torch.device:
@@ -147,26 +105,49 @@ class Captioner:
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.model.encode_images(self.preprocess(images).to(self.device))  # (B, F)
 
-    @torch.no_grad()
     def encode_audio(self, clips: Sequence[str | Path | np.ndarray]) -> torch.Tensor:
         """Audio features (B, F) for files or mono float arrays already at the encoder's sample rate."""
-        self.model.check_modalities(["audio"])
-        encoder = self.model.encoders["audio"]
-        samples = [c if isinstance(c, np.ndarray) else load_audio(c, sample_rate=encoder.sample_rate) for c in clips]
-        return encoder(encoder.preprocess(samples))  # (B, F)
+        return self.encode_inputs([{"audio": c} for c in clips])["audio"]
 
-    def encode_inputs(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def encode_inputs(self, items: Sequence[dict], *, batch_size: int = 32, max_pixels: int | None = MAX_PIXELS
+                      ) -> dict[str, torch.Tensor]:
         """Features per modality for items that all have the same inputs, e.g. [{"image": "a.jpg",
-        "audio": "a.wav"}, ...]; images may be paths or PIL images, audio paths or mono arrays."""
-        kinds = list(items[0])
-        self.model.check_modalities(kinds)
-        out = {}
-        if "image" in kinds:
-            out["image"] = self.encode([im if isinstance(im, Image.Image) else load_image(im)
-                                        for im in (it["image"] for it in items)])
-        if "audio" in kinds:
-            out["audio"] = self.encode_audio([it["audio"] for it in items])
-        return out
+        "audio": "a.wav"}, ...] (inputs as `inputs/loader.py` takes them); raises the first unreadable
+        input's InputError."""
+        items = [as_item(it) for it in items]
+        kinds = {frozenset(it) for it in items}
+        if len(kinds) > 1:
+            raise ValueError(f"encode_inputs needs items with the same inputs, got {sorted(map(sorted, kinds))}")
+        self.model.check_modalities(next(iter(kinds), ()))
+        out: dict[str, list[torch.Tensor]] = {}
+        dataset = InputDataset(items, self.input_reader(max_pixels=max_pixels))
+        for batch, groups in self.feature_batches(dataset, batch_size=batch_size):
+            for _, _, error in batch:
+                if error is not None:
+                    raise error
+            for _, features in groups:
+                for m, f in features.items():
+                    out.setdefault(m, []).append(f)
+        return {m: torch.cat(f) for m, f in out.items()}
+
+    def input_reader(self, *, max_pixels: int | None = MAX_PIXELS, jpegs: bool = False) -> InputReader:
+        """This captioner's input reader (picklable, for loader workers): items -> model inputs."""
+        encoders = self.model.encoders
+        return InputReader(image_preprocess=encoders["image"].preprocess if "image" in encoders else None,
+                           audio_loader=encoders["audio"].loader() if "audio" in encoders else None,
+                           max_pixels=max_pixels, jpegs=jpegs)
+
+    @torch.no_grad()
+    def feature_batches(self, dataset: Dataset, *, batch_size: int, num_workers: int = 0,
+                        pipeline: JpegPipeline | None = None) -> Iterator[tuple[list, list[tuple[list[int], dict]]]]:
+        """(batch, groups) for each loader batch of `dataset` (an `InputDataset` or `InputStream`): the batch's
+        rows (key, inputs | None, error | None), and per group of rows with the same inputs (their positions
+        in the batch, {modality: features (b, F)})."""
+        for batch in load_batches(dataset, batch_size=batch_size, num_workers=num_workers, pipeline=pipeline,
+                                  pin_memory=self.device.type == "cuda"):
+            groups = [(rows, {m: self._encode_tensors(m, [batch[j][1][m] for j in rows]) for m in kinds})
+                      for kinds, rows in group_rows(batch).items()]
+            yield batch, groups
 
     @torch.no_grad()
     def caption_features(self, features: dict[str, torch.Tensor] | torch.Tensor, decode: DecodeConfig | None = None
@@ -218,12 +199,13 @@ class Captioner:
         return out
 
     def caption(self, images=None, *, audio=None, decode: DecodeConfig | None = None, batch_size: int = 32,
-                **overrides):
-        """Caption one input or a list: images (paths or PIL images), audio (paths or mono arrays at the
-        encoder's rate), or both paired in order. Returns a string per input, or a list of strings per
-        input when num_captions > 1. Decode options may be passed as keywords."""
+                max_pixels: int | None = MAX_PIXELS, jpeg_on_device: bool | None = None, **overrides):
+        """Caption one input or a list: images (paths, bytes, PIL images or arrays), audio (paths, bytes or
+        mono arrays at the encoder's rate), or both paired in order. Returns a string per input, or a list of
+        strings per input when num_captions > 1. Decode options may be passed as keywords. The same path as
+        `iter_captions`; an unreadable input raises its InputError, with the message iter_captions gives."""
         decode = dataclasses.replace(decode or DecodeConfig(), **overrides)
-        single = _is_one(images, audio)
+        single = is_single(images) if images is not None else is_single(audio)
         columns = {m: ([v] if single else list(v)) for m, v in (("image", images), ("audio", audio)) if v is not None}
         self.model.check_modalities(list(columns))
         sizes = {m: len(v) for m, v in columns.items()}
@@ -231,48 +213,43 @@ class Captioner:
             raise ValueError(f"images and audio are paired in order, so their counts must match: {sizes}")
         items = [dict(zip(columns, row)) for row in zip(*columns.values())]
         results = []
-        for start in range(0, len(items), batch_size):
-            results.extend(self.caption_features(self.encode_inputs(items[start:start + batch_size]), decode))
-        results = [r[0] if decode.num_captions == 1 else r for r in results]
+        for _, captions, error in self._captions(items, decode=decode, batch_size=batch_size, max_pixels=max_pixels,
+                                                 num_workers=0, jpeg_on_device=jpeg_on_device):
+            if error is not None:
+                raise error
+            results.append(captions[0] if decode.num_captions == 1 else captions)
         return results[0] if single else results
 
     def iter_captions(self, items: Sequence[str | dict], *, decode: DecodeConfig | None = None, batch_size: int = 32,
                       max_pixels: int | None = MAX_PIXELS, num_workers: int = 0, jpeg_on_device: bool | None = None
                       ) -> Iterator[tuple[Any, list[str] | None, str | None]]:
-        """Stream (item, captions, error) in input order over many inputs: image paths, or dicts
-        {"image": path, "audio": path} with either or both. Files are read and preprocessed by
-        `num_workers` DataLoader workers (0: in this process) while the model captions the previous
-        batch. Unreadable files (and images over `max_pixels`) yield an error and the rest of the batch is
+        """Stream (item, captions, error) in input order over many inputs: images (paths, bytes, PIL images,
+        arrays), or dicts {"image": ..., "audio": ...} with either or both. Inputs are read and preprocessed
+        by `num_workers` DataLoader workers (0: in this process) while the model captions the previous
+        batch. Unreadable inputs (and images over `max_pixels`) yield an error and the rest of the batch is
         still captioned. Memory does not grow with the number of inputs.
 
         jpeg_on_device: workers only read plain JPEG files and the batch is decoded and preprocessed on the
         captioner's device (nvjpeg on CUDA; see jpeg.py: pixels can differ from PIL's by a level or two).
         Default: on when the captioner runs on CUDA."""
-        from torch.utils.data import DataLoader
+        for i, captions, error in self._captions(items, decode=decode, batch_size=batch_size, max_pixels=max_pixels,
+                                                 num_workers=num_workers, jpeg_on_device=jpeg_on_device):
+            yield items[i], captions, None if error is None else str(error)
 
-        inputs = [{"image": it} if isinstance(it, (str, Path)) else it for it in items]
+    def _captions(self, items, *, decode, batch_size, max_pixels, num_workers, jpeg_on_device):
+        """(index, captions | None, InputError | None) per item, in order: the one captioning path."""
+        inputs = [as_item(it) for it in items]
         if inputs:  # nothing to do is not an error (e.g. a resumed run that is already complete)
             self.model.check_modalities({m for it in inputs for m in it})
-        encoders = self.model.encoders
         pipeline = self.jpeg_pipeline(jpeg_on_device)
-        dataset = _InputFiles(inputs, image_preprocess=encoders["image"].preprocess if "image" in encoders else None,
-                              audio_loader=encoders["audio"].loader() if "audio" in encoders else None,
-                              max_pixels=max_pixels, jpegs=pipeline is not None)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
-                            pin_memory=self.device.type == "cuda", prefetch_factor=4 if num_workers else None)
-        for batch in loader:
-            if pipeline is not None:
-                batch = _decode_jpegs(batch, pipeline)
-            groups: dict[tuple, list[int]] = {}
-            for j, (_, tensors, error) in enumerate(batch):
-                if error is None:
-                    groups.setdefault(tuple(tensors), []).append(j)
+        dataset = InputDataset(inputs, self.input_reader(max_pixels=max_pixels, jpegs=pipeline is not None))
+        for batch, groups in self.feature_batches(dataset, batch_size=batch_size, num_workers=num_workers,
+                                                  pipeline=pipeline):
             captions = {}
-            for kinds, rows in groups.items():
-                features = {m: self._encode_tensors(m, [batch[j][1][m] for j in rows]) for m in kinds}
+            for rows, features in groups:
                 captions.update(zip(rows, self.caption_features(features, decode)))
             for j, (i, _, error) in enumerate(batch):
-                yield items[i], captions.get(j), error
+                yield i, captions.get(j), error
 
     def jpeg_pipeline(self, on_device: bool | None = None) -> JpegPipeline | None:
         """The device JPEG decoder for this captioner's image preprocessing (see jpeg.py), or None: when
@@ -291,10 +268,9 @@ class Captioner:
     @torch.no_grad()
     def _encode_tensors(self, modality: str, inputs: list) -> torch.Tensor:
         """Features (B, F) of preprocessed inputs: image tensors (3, H, W), or audio input dicts."""
-        encoder = self.model.encoders[modality]
         if modality == "image":  # (B, 3, H, W); images decoded on the device are there already
-            return self.model.encode_images(torch.stack([x.to(self.device, non_blocking=True) for x in inputs]))
-        return encoder({k: torch.stack([x[k] for x in inputs]) for k in inputs[0]})
+            return self.model.encode_images(stack_inputs("image", inputs, self.device))
+        return self.model.encoders[modality](stack_inputs(modality, inputs))
 
     # ------------------------------------------------------------------ evaluation
 

@@ -129,7 +129,8 @@ def cmd_caption(args) -> int:
     decode = config_from_args(DecodeConfig, args)
     if args.output_dir:
         if args.audio:
-            raise CLIError("sharded captioning (--output-dir) reads images only; caption audio with --output")
+            raise CLIError("sharded captioning (--output-dir) reads sounds only as WebDataset tar members (KEY.wav beside "
+                           "KEY.jpg); caption --audio files with --output")
         return _caption_sharded(args, decode)
     if args.table:
         if args.images or args.audio:

@@ -259,7 +259,10 @@ def test_compiled_steps_keep_one_buffer(tiny):
 
 
 def test_caption_features_static_and_compiled_match_default(tiny, monkeypatch):
+    import torch._dynamo
+
     cap, feats = tiny
+    limit = torch._dynamo.config.recompile_limit
     plain = DecodeConfig(strategy="beam", num_beams=3, max_new_tokens=6)
     expected = cap.caption_features(feats, plain)
     assert cap.caption_features(feats, DecodeConfig(**{**plain.__dict__, "static_cache": True})) == expected
@@ -267,10 +270,9 @@ def test_caption_features_static_and_compiled_match_default(tiny, monkeypatch):
     compiled = DecodeConfig(**{**plain.__dict__, "compile": True})
     assert cap.caption_features(feats, compiled) == expected
     assert cap.caption_features(feats[:3], compiled) == expected[:3]
+    assert torch._dynamo.config.recompile_limit == limit  # raised for our compiled steps only
     # Past dynamo's limit on compiled shapes a fullgraph compile raises: that shape runs uncompiled instead.
-    import torch._dynamo
-
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(StaticCacheStepper, "RECOMPILE_LIMIT", 1)
     assert cap.caption_features(feats[:2], compiled) == expected[:2]
 
 
@@ -299,3 +301,29 @@ def test_packed_head_gives_the_plain_heads_captions_and_follows_weight_updates(t
     changed = cap.caption_features(feats, packed)
     assert changed == cap.caption_features(feats, plain)
     assert cap._packed_head.weight() is head.weight and cap._packed_head.version == head.weight._version
+
+
+def test_packed_head_restores_the_module_as_it_was(tiny):
+    """applied() is set-and-restore: a forward someone else set comes back, and interleaved decodes
+    (threads) leave no packed forward behind."""
+    cap, _ = tiny
+    with torch.no_grad():
+        if not PackedHead.usable(cap.model.lm):
+            pytest.skip("the packed head is a CPU path")
+    lm, head = cap.model.lm, cap.model.lm.get_output_embeddings()
+
+    def own(x):
+        return x
+
+    head.forward = own
+    with torch.no_grad():
+        with PackedHead().applied(lm):
+            assert vars(head)["forward"] is not own
+        assert vars(head)["forward"] is own
+        del head.forward
+        a, b = PackedHead().applied(lm), PackedHead().applied(lm)
+        a.__enter__()
+        b.__enter__()
+        a.__exit__(None, None, None)
+        b.__exit__(None, None, None)
+    assert "forward" not in vars(head)

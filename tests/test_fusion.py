@@ -184,11 +184,11 @@ def test_bfloat16_captioner_runs_every_part_in_bfloat16(both, files, tmp_path):
 def test_iter_captions_streams_instead_of_accumulating(both, files, monkeypatch):
     """Results come out batch by batch while later inputs are not yet read: memory does not grow with the
     number of inputs."""
-    from captioner import api
+    from captioner.inputs.loader import InputDataset
 
     loads = []
-    original = api._InputFiles.__getitem__
-    monkeypatch.setattr(api._InputFiles, "__getitem__", lambda self, i: loads.append(i) or original(self, i))
+    original = InputDataset.__getitem__
+    monkeypatch.setattr(InputDataset, "__getitem__", lambda self, i: loads.append(i) or original(self, i))
     items = [files[i % 2][0] for i in range(10)]
     stream = both.iter_captions(items, decode=GREEDY, batch_size=2)
     first = next(stream)

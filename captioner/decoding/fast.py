@@ -45,14 +45,12 @@ class StaticCacheStepper(LMStepper):
         if compile:
             cuda = next(lm.parameters()).is_cuda
             self.cuda_graphs = cuda
-            # Each row count is one more compiled graph; past dynamo's limit a fullgraph compile raises
-            # instead of falling back, so the limit is raised and an over-limit shape runs uncompiled.
-            import torch._dynamo
-
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
             self.compiled = torch.compile(lm.forward, mode="reduce-overhead" if cuda else None, fullgraph=True,
                                           dynamic=False)
+            from torch._dynamo import config as dynamo_config
             from torch._dynamo.exc import FailOnRecompileLimitHit
+
+            self.dynamo_config = dynamo_config
 
             self.over_limit = FailOnRecompileLimitHit
 
@@ -114,7 +112,12 @@ class StaticCacheStepper(LMStepper):
             out = self.forward(**kwargs)
         else:
             try:
-                out = self.compiled(**kwargs)
+                # Each row count is one more compiled graph; past dynamo's limit a fullgraph compile raises
+                # instead of falling back, so the limit is raised for our steps only (dynamo reads it when it
+                # compiles, inside this call; the process-wide setting is left as it was) and an over-limit
+                # shape runs uncompiled.
+                with self.dynamo_config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+                    out = self.compiled(**kwargs)
             except self.over_limit:
                 out = self.forward(**kwargs)  # one shape too many to compile: this one runs eagerly
         self.length += 1
@@ -128,8 +131,9 @@ class PackedHead:
     that takes 89-94 ms instead of 133-151 ms at 160 rows x 50,257 tokens (a batch of 32 with 5 beams),
     ~10% of a decoding step; logits equal the plain matmul's to ~1e-6 (summation order).
 
-    `applied(lm)` swaps the head's forward for the packed one while decoding; the packed copy is made
-    again whenever the weight changes (its version counter moves with every in-place update)."""
+    `applied(lm)` swaps the head's forward for the packed one while decoding and restores it on exit (the
+    module is as before afterwards); the packed copy is made again whenever the weight changes (its
+    version counter moves with every in-place update)."""
 
     def __init__(self):
         self.weight, self.version, self.packed = None, None, None  # weight: a weakref to what was packed
@@ -156,8 +160,17 @@ class PackedHead:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, head.bias, "none", [], "")
             return out.view(*x.shape[:-1], out.shape[-1])
 
+        forward.packed = True
+        before = head.__dict__.get("forward")  # an outer applied() (nested decode) or someone else's
         head.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
         try:
             yield
-        finally:  # (pop: a concurrent decode may have removed it already; both heads compute the same)
-            head.__dict__.pop("forward", None)
+        finally:
+            # Set and restored: only our own forward is taken away, and what was there before comes back,
+            # unless that is another decode's packed forward (interleaved threads: it may have ended, and a
+            # packed copy left behind would go stale when the weights change). Both heads compute the same.
+            if head.__dict__.get("forward") is forward:
+                if before is None or getattr(before, "packed", False):
+                    del head.forward
+                else:
+                    head.forward = before

@@ -35,6 +35,7 @@ some add a detail in parentheses ("corrupt audio data (flac decoder lost sync)")
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 
@@ -80,16 +81,36 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int, max_seconds: float 
     files larger than this before decoding (None: no limit). Raises `AudioError` ("PATH: REASON") for any
     problem with the file; ValueError for bad arguments.
     """
+    _check_args(sample_rate, max_seconds, max_bytes)
+    fspath = os.fspath(path)
+    name = os.fsdecode(fspath)
+    with open_regular_file(fspath, name, error=AudioError, max_bytes=max_bytes) as f:
+        samples, rate = _decode(f, name, max_seconds)
+    return _mono(samples, rate, name, sample_rate)
+
+
+def load_audio_bytes(data: bytes, *, name: str, sample_rate: int, max_seconds: float | None = None,
+                     max_bytes: int | None = MAX_AUDIO_BYTES) -> np.ndarray:
+    """Like `load_audio` for encoded audio bytes (a tar member, a parquet cell); `name` goes in errors."""
+    _check_args(sample_rate, max_seconds, max_bytes)
+    if not data:
+        raise _error(name, "empty file")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise _error(name, f"too large ({len(data)} bytes > limit {max_bytes}; raise max_bytes to allow)")
+    samples, rate = _decode(io.BytesIO(data), name, max_seconds)
+    return _mono(samples, rate, name, sample_rate)
+
+
+def _check_args(sample_rate, max_seconds, max_bytes) -> None:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate < 1:
         raise ValueError(f"sample_rate must be a positive integer, not {sample_rate!r}")
     if max_seconds is not None and not (max_seconds > 0):
         raise ValueError(f"max_seconds must be positive or None, not {max_seconds!r}")
     if max_bytes is not None and (isinstance(max_bytes, bool) or max_bytes < 1):
         raise ValueError(f"max_bytes must be a positive integer or None, not {max_bytes!r}")
-    fspath = os.fspath(path)
-    name = os.fsdecode(fspath)
-    with open_regular_file(fspath, name, error=AudioError, max_bytes=max_bytes) as f:
-        samples, rate = _decode(f, name, max_seconds)
+
+
+def _mono(samples: np.ndarray, rate: int, name: str, sample_rate: int) -> np.ndarray:
     # samples: (N, C) float32 -> (N,) mono
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     if not np.isfinite(mono).all():
@@ -139,7 +160,8 @@ def _decode(f, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     head = f.read(_SNIFF_BYTES)
-    size = os.fstat(f.fileno()).st_size
+    size = f.seek(0, os.SEEK_END)  # (files and in-memory bytes alike)
+    f.seek(len(head))
     if _wav_truncated(f, head, size) or _ogg_truncated(f, head, size):
         raise _error(name, "truncated")
     f.seek(0)

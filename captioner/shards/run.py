@@ -1,6 +1,8 @@
 """Sharded, distributed, resumable captioning of large collections.
 
-Inputs are split into shards (sources.py: WebDataset tars, parquet/CSV files, groups of loose files).
+Inputs are split into shards (sources.py: WebDataset tars, parquet/CSV files, groups of loose files)
+and read by the one input loader (inputs/loader.py); for a captioner that takes sound, a WebDataset
+sample's audio member (`KEY.wav`, `.flac`, ...) is its audio input, beside its image or alone.
 Process `rank` of `world` (torchrun / accelerate launch set RANK and WORLD_SIZE; nodes share the
 output directory) takes shards rank, rank + world, ... For each shard it writes
 
@@ -24,16 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from captioner.config import DecodeConfig
-from captioner.inputs.image import MAX_PIXELS, ImageError
-from captioner.inputs.jpeg import prepare_image
+from captioner.data.sets import AUDIO_EXTENSIONS
+from captioner.inputs.image import MAX_PIXELS
+from captioner.inputs.loader import InputStream
 from captioner.shards.outputs import ResultWriter
 
 logger = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = tuple(e[1:] for e in AUDIO_EXTENSIONS)  # audio members of a tar sample, by preference
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -51,45 +54,35 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class _Decoded(IterableDataset):
-    """Items of one shard, decoded and preprocessed in DataLoader workers (each worker a slice); with
-    `jpegs`, plain JPEGs are left encoded (`JpegBytes`) for the device to decode."""
+class _ShardRows:
+    """A shard's items as loader rows (key, item | None, error | None, names), skipping keys already done.
+    An item holds the inputs the model takes: the image (a path or bytes) and, for a WebDataset sample with
+    an audio member (e.g. `000123.wav` beside `000123.jpg`), that sound. Picklable, for loader workers."""
 
-    def __init__(self, shard, preprocess, skip: set[str], max_pixels: int | None, jpegs: bool = False):
-        self.shard, self.preprocess, self.skip, self.max_pixels = shard, preprocess, skip, max_pixels
-        self.jpegs = jpegs
+    def __init__(self, shard, skip: set[str], modalities: Sequence[str]):
+        self.shard, self.skip, self.modalities = shard, skip, list(modalities)
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for i, item in enumerate(self.shard):
-            if i % nw != wid or item.key in self.skip:
+        for item in self.shard:
+            if item.key in self.skip:
                 continue
+            key = (item.key, item.source)
             if item.error:
-                yield item.key, item.source, None, item.error
+                yield key, None, item.error, item.source
                 continue
-            try:
-                source = item.path if item.path else item.data
-                name = os.fsdecode(item.path) if item.path else item.source
-                yield item.key, item.source, prepare_image(source, name=name, preprocess=self.preprocess,
-                                                           max_pixels=self.max_pixels, jpegs=self.jpegs), None
-            except ImageError as e:
-                yield item.key, item.source, None, str(e)
-
-
-def _decode_on_device(batch: list, pipeline) -> list:
-    """(key, source, input, error) rows with their JPEGs decoded on the device together; a file that cannot
-    be decoded becomes that row's error, as on the PIL path."""
-    rows = [j for j, (_, _, _, error) in enumerate(batch) if error is None]
-    batch = list(batch)
-    for j, image in zip(rows, pipeline.resolve([batch[j][2] for j in rows])):
-        key, source, _, _ = batch[j]
-        batch[j] = (key, source, None, str(image)) if isinstance(image, ImageError) else (key, source, image, None)
-    return batch
-
-
-def _collate(batch):
-    return batch
+            inputs, names = {}, {"image": item.source}
+            if "image" in self.modalities and (item.path or item.data):
+                inputs["image"] = item.path if item.path else item.data
+            if "audio" in self.modalities:
+                suffix = next((s for s in AUDIO_SUFFIXES if s in item.extra), None)
+                if suffix is not None:
+                    inputs["audio"] = item.extra[suffix]
+                    names["audio"] = f"{self.shard.source}:{item.key}.{suffix}"
+            if inputs:
+                yield key, inputs, None, names
+            else:
+                yield (key, None, f"no {' or '.join(self.modalities)} member (members: {', '.join(sorted(item.extra))})",
+                       item.source)
 
 
 @dataclass
@@ -113,31 +106,26 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
     errors_path = shard_dir / f"{shard.name}.errors.jsonl"
     skipped = len(writer.done)
     pipeline = captioner.jpeg_pipeline(jpeg_on_device)
-    dataset = _Decoded(shard, captioner.model.image_encoder.preprocess, writer.done, max_pixels,
-                       jpegs=pipeline is not None)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                        prefetch_factor=4 if num_workers else None, pin_memory=captioner.device.type == "cuda")
+    dataset = InputStream(_ShardRows(shard, writer.done, captioner.model.modalities),
+                          captioner.input_reader(max_pixels=max_pixels, jpegs=pipeline is not None))
     t0, captioned, failed = time.perf_counter(), 0, 0
-    with open(errors_path, "w", encoding="utf-8") as errors, tqdm(desc=desc or shard.name, unit="img") as bar:
-        for batch in loader:
-            if pipeline is not None:
-                batch = _decode_on_device(batch, pipeline)
-            good = [(k, s, x) for k, s, x, e in batch if e is None]
-            for k, s, _, e in batch:
+    with open(errors_path, "w", encoding="utf-8") as errors, tqdm(desc=desc or shard.name, unit="item") as bar:
+        for batch, groups in captioner.feature_batches(dataset, batch_size=batch_size, num_workers=num_workers,
+                                                       pipeline=pipeline):
+            captions = {}
+            for rows, features in groups:
+                captions.update(zip(rows, captioner.caption_features(features, decode)))
+            for j, ((k, s), _, e) in enumerate(batch):
                 if e is not None:
-                    errors.write(json.dumps({"key": k, "source": s, "error": e}, ensure_ascii=False) + "\n")
+                    errors.write(json.dumps({"key": k, "source": s, "error": str(e)}, ensure_ascii=False) + "\n")
                     failed += 1
-            if good:
-                with torch.no_grad():
-                    images = torch.stack([x for _, _, x in good]).to(captioner.device, non_blocking=True)
-                    captions = captioner.caption_features({"image": captioner.model.encode_images(images)}, decode)
-                for (k, s, _), caps in zip(good, captions):
-                    writer.add(k, caps, source=s)
-                captioned += len(good)
+                else:
+                    writer.add(k, captions[j], source=s)
+                    captioned += 1
             writer.flush()
             errors.flush()
             bar.update(len(batch))
-            bar.set_postfix(img_per_s=f"{(captioned + failed) / (time.perf_counter() - t0):.1f}")
+            bar.set_postfix(items_per_s=f"{(captioned + failed) / (time.perf_counter() - t0):.1f}")
     writer.close()
     seconds = time.perf_counter() - t0
     result = ShardResult(shard.name, captioned, failed, skipped, seconds)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator, Mapping, Sequence
 
+from captioner.data.sets import AUDIO_EXTENSIONS
 from captioner.errors import SourceError  # noqa: F401  (defined in errors.py)
 
 logger = logging.getLogger(__name__)
@@ -247,10 +248,14 @@ class TarShard(Shard):
                 continue
             by_suffix, error = _tar_sample_suffixes(sample)
             image = next((s for s in TAR_IMAGE_SUFFIXES if s in by_suffix), None)
-            if error is None and image is None:
+            sound = any(f".{s}" in AUDIO_EXTENSIONS for s in by_suffix)  # a sound alone is an item too
+            if error is None and image is None and not sound:
                 error = f"no image member (members: {', '.join(sorted(by_suffix))})"
             if error:
                 yield Item(key=sample.key, source=origin, error=error)
+                continue
+            if image is None:
+                yield Item(key=sample.key, source=origin, extra={s: d for s, (_, d) in by_suffix.items()})
                 continue
             name, data = by_suffix[image]
             extra = {s: d for s, (_, d) in by_suffix.items() if s != image}

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from captioner.api import Captioner
 from captioner.config import DecodeConfig, TrainConfig, save_json
-from captioner.data.sets import CaptionExample, load_caption_set, load_image
-from captioner.errors import TrainingError
+from captioner.data.sets import CaptionExample, load_caption_set
+from captioner.errors import InputError, TrainingError
 from captioner.train.batching import (CaptionBatchSampler, ItemFeatures, drop_modalities, make_loader,  # noqa: F401
                                       tokenize_pairs, usable_examples)
 from captioner.train.state import check_resume_config, latest_state, load_state, save_state
@@ -45,26 +45,37 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
 
 
 def encode_examples(captioner: Captioner, examples: list[CaptionExample], config: TrainConfig, *,
-                    desc: str) -> ItemFeatures:
-    """Features of every input the examples have and the model takes: from the feature cache, or
-    encoded into memory."""
+                    desc: str) -> tuple[list[CaptionExample], ItemFeatures]:
+    """The examples whose inputs could all be read, and the features of every input they have and the
+    model takes: from the feature cache, or encoded into memory. An unreadable input is an error with
+    `config.strict`; else the examples that have one are dropped, reported in one warning line."""
     model = captioner.model
+    errors: dict[str, str] | None = None if config.strict else {}
     features, present = {}, {}
     for m in model.modalities:
         rows = [i for i, ex in enumerate(examples) if m in ex.inputs]
         present[m] = torch.zeros(len(examples), dtype=torch.bool)
         present[m][rows] = True
-        enc = model.encoders[m]
-        features[m] = torch.zeros(len(examples), enc.output_dim)
+        features[m] = torch.zeros(len(examples), model.encoders[m].output_dim)
         if rows:
             paths = [examples[i].inputs[m] for i in rows]
-            features[m][rows] = _encode_paths(captioner, m, paths, config, desc=f"{desc} ({m})")
-    return ItemFeatures(features, present)
+            features[m][rows] = _encode_paths(captioner, m, paths, config, desc=f"{desc} ({m})", errors=errors)
+    if errors:
+        keep = [i for i, ex in enumerate(examples) if not any(ex.inputs.get(m) in errors for m in model.modalities)]
+        logger.warning("%s: %d unreadable input(s) skipped, %d of %d items dropped (e.g. %s)", desc, len(errors),
+                       len(examples) - len(keep), len(examples), "; ".join(list(errors.values())[:3]))
+        if not keep:
+            raise InputError(f"{desc}: no input could be read, e.g. {next(iter(errors.values()))}")
+        index = torch.tensor(keep)
+        examples = [examples[i] for i in keep]
+        features, present = {m: f[index] for m, f in features.items()}, {m: p[index] for m, p in present.items()}
+    return examples, ItemFeatures(features, present)
 
 
-def _encode_paths(captioner: Captioner, modality: str, paths: list[str], config: TrainConfig, *, desc: str
-                  ) -> torch.Tensor:
-    """Features (N, F) of image or audio files."""
+def _encode_paths(captioner: Captioner, modality: str, paths: list[str], config: TrainConfig, *, desc: str,
+                  errors: dict[str, str] | None = None) -> torch.Tensor:
+    """Features (N, F) of image or audio files, read by the one input loader. An unreadable file raises its
+    InputError, or, with `errors`, is recorded there (path -> message) and its row is zeros."""
     enc = captioner.model.encoders[modality]
     if config.feature_cache:
         from captioner.train.features import FeatureCache, audio_encoder_key, encoder_key
@@ -77,14 +88,23 @@ def _encode_paths(captioner: Captioner, modality: str, paths: list[str], config:
             key, encode, preprocess = audio_encoder_key(captioner.config, load.preprocess.feature_extractor), enc, None
         cache = FeatureCache(config.feature_cache, key, enc.output_dim)
         return cache.get(paths, encode, preprocess, load=load, batch_size=config.encode_batch_size,
-                         num_workers=config.num_workers, device=captioner.device, desc=desc)
-    feats = []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(paths), config.encode_batch_size), desc=desc, unit="batch", leave=False):
-            chunk = paths[start:start + config.encode_batch_size]
-            feats.append((captioner.encode([load_image(p) for p in chunk]) if modality == "image"
-                          else captioner.encode_audio(chunk)).cpu())
-    return torch.cat(feats)
+                         num_workers=config.num_workers, device=captioner.device, desc=desc, errors=errors)
+    from captioner.inputs.loader import InputDataset
+
+    feats = torch.zeros(len(paths), enc.output_dim)
+    dataset = InputDataset([{modality: p} for p in paths], captioner.input_reader())
+    with tqdm(total=len(paths), desc=desc, unit="file", leave=False) as bar:
+        for batch, groups in captioner.feature_batches(dataset, batch_size=config.encode_batch_size,
+                                                       num_workers=config.num_workers):
+            for i, _, error in batch:
+                if error is not None:
+                    if errors is None:
+                        raise error
+                    errors[paths[i]] = str(error)
+            for rows, features in groups:
+                feats[[batch[j][0] for j in rows]] = features[modality].float().cpu()
+            bar.update(len(batch))
+    return feats
 
 
 # ------------------------------------------------------------------ evaluation during training
@@ -219,11 +239,11 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
         val_ex = []
     captioner = Captioner.from_config(config.model, tokenizer=tokenizer, device=accelerator.device)
     tok = captioner.tokenizer
+    with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
+        train_ex, train_feats = encode_examples(captioner, train_ex, config, desc="encoding train")
+        val_ex, val_feats = encode_examples(captioner, val_ex, config, desc="encoding val") if val_ex else ([], None)
     rows, ids = tokenize_pairs(tok, train_ex, max_tokens=config.max_caption_tokens, prompt=config.model.prompt)
     logger.info("training on %d items (%d captions), validating on %d items", len(train_ex), len(rows), len(val_ex))
-    with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
-        train_feats = encode_examples(captioner, train_ex, config, desc="encoding train")
-        val_feats = encode_examples(captioner, val_ex, config, desc="encoding val") if val_ex else None
 
     world, rank = accelerator.num_processes, accelerator.process_index
     sampler = CaptionBatchSampler([len(x) for x in ids], batch_size=config.batch_size, seed=config.seed,
