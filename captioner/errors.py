@@ -59,3 +59,7 @@ class FileSystemError(CaptionerError, OSError):
     """An operating-system error (missing folder, permission, disk full) while reading or writing our files."""
 
     exit_code = 3
+
+
+class OutputError(CaptionerError, ValueError):
+    """A result or errors file cannot be written: it exists, is not one of ours, is an input, or is in use."""

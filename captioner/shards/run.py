@@ -7,15 +7,18 @@ output directory) takes shards rank, rank + world, ... For each shard it writes
     OUT/shards/<shard>.jsonl         key, source, caption(s): appended a batch at a time (outputs.py)
     OUT/shards/<shard>.errors.jsonl  key, source, error: items that could not be read
     OUT/shards/<shard>.done          written (atomically) only after the shard's rows are flushed
+    OUT/shards/<shard>.plan          the fingerprint of the shard's inputs (merge.py), written first
 
-A rerun skips done shards and continues an unfinished shard item by item, so a killed or preempted
-process loses at most one batch and no key is captioned twice. Every process tries the merge when it
-finishes; it succeeds once all shards are done and writes OUT/captions.jsonl and OUT/index.json
-(atomically; running it again gives the same files). `captioner merge OUT` runs it by hand.
+A rerun skips done shards whose inputs are unchanged, redoes shards whose inputs changed, and
+continues an unfinished shard item by item, so a killed or preempted process loses at most one batch
+and no key is captioned twice. Every process tries the merge (merge.py) when it finishes; it succeeds
+once all shards are done and writes OUT/captions.jsonl and OUT/index.json (running it again gives the
+same files). `captioner merge OUT` runs it by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,9 +32,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from captioner.config import DecodeConfig
+from captioner.errors import FileSystemError
+from captioner.files import atomic_write
 from captioner.inputs.image import MAX_PIXELS, ImageError
 from captioner.inputs.jpeg import prepare_image
-from captioner.shards.outputs import ResultWriter
+from captioner.shards.merge import make_plan, merge, prepare_shard, write_plan
+from captioner.shards.outputs import ErrorLog, ResultWriter, iter_json_rows
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +46,6 @@ def dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as set by torchrun / accelerate launch; (0, 1, 0) otherwise."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _Decoded(IterableDataset):
@@ -118,14 +115,15 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         prefetch_factor=4 if num_workers else None, pin_memory=captioner.device.type == "cuda")
     t0, captioned, failed = time.perf_counter(), 0, 0
-    with open(errors_path, "w", encoding="utf-8") as errors, tqdm(desc=desc or shard.name, unit="img") as bar:
+    with contextlib.closing(ErrorLog(errors_path, overwrite=True, id_field="key")) as errors, \
+            tqdm(desc=desc or shard.name, unit="img") as bar:
         for batch in loader:
             if pipeline is not None:
                 batch = _decode_on_device(batch, pipeline)
             good = [(k, s, x) for k, s, x, e in batch if e is None]
             for k, s, _, e in batch:
                 if e is not None:
-                    errors.write(json.dumps({"key": k, "source": s, "error": e}, ensure_ascii=False) + "\n")
+                    errors.add(k, e, source=s)
                     failed += 1
             if good:
                 with torch.no_grad():
@@ -141,7 +139,7 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
     writer.close()
     seconds = time.perf_counter() - t0
     result = ShardResult(shard.name, captioned, failed, skipped, seconds)
-    _atomic_write_text(shard_dir / f"{shard.name}.done", json.dumps({
+    atomic_write(shard_dir / f"{shard.name}.done", json.dumps({
         "shard": shard.name, "source": shard.source, "rows": captioned + skipped, "failed": failed,
         "seconds": seconds}) + "\n")
     return result
@@ -150,19 +148,20 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
 def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfig, batch_size: int = 32,
         num_workers: int = 2, rank: int = 0, world: int = 1, write_tars: str | None = None,
         max_pixels: int | None = MAX_PIXELS, jpeg_on_device: bool | None = None) -> list[ShardResult]:
-    """Caption this process's shards (rank::world), skipping done ones; then try the merge."""
+    """Caption this process's shards (rank::world), skipping done ones whose inputs are unchanged and
+    redoing those whose inputs changed (merge.py); then try the merge."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = [s.name for s in shards]
-    if len(set(names)) != len(names):
-        raise ValueError("shard names are not unique")
+    try:
+        (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileSystemError(f"{out_dir}: cannot create the output folder: {e.strerror or e}") from None
+    plan = make_plan(shards)
     if rank == 0:
-        _atomic_write_text(out_dir / "shards.json", json.dumps(names) + "\n")
-    mine = shards[rank::world]
+        write_plan(out_dir, plan)
+    mine = list(zip(shards, plan))[rank::world]
     results, t0 = [], time.perf_counter()
-    for shard in mine:
-        done = out_dir / "shards" / f"{shard.name}.done"
-        if done.exists():
+    for shard, entry in mine:
+        if prepare_shard(out_dir, entry):
             logger.info("rank %d: shard %s already done", rank, shard.name)
         else:
             r = caption_shard(captioner, shard, out_dir, decode=decode, batch_size=batch_size,
@@ -176,7 +175,7 @@ def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfi
     n = sum(r.captioned + r.failed for r in results)
     logger.info("rank %d: %d images in %.1f s (%.1f img/s)", rank, n, time.perf_counter() - t0,
                 n / max(time.perf_counter() - t0, 1e-9))
-    merge(out_dir, names)
+    merge(out_dir, plan)
     return results
 
 
@@ -187,38 +186,6 @@ def _write_back(shard, out_dir: Path, suffix: str) -> None:
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(x) for x in (out_dir / "shards" / f"{shard.name}.jsonl").read_text().splitlines() if x]
-    caps = {r["key"]: r.get("captions", r["caption"]) for r in rows}
+    caps = {r["key"]: r.get("captions", r["caption"])
+            for _, r in iter_json_rows(out_dir / "shards" / f"{shard.name}.jsonl")}
     write_tar_with_captions(shard, caps, target, suffix=suffix)
-
-
-def merge(out_dir: str | Path, names: Sequence[str] | None = None) -> bool:
-    """If every shard is done, write OUT/captions.jsonl (each (shard, key) once) and OUT/index.json.
-    Idempotent; returns False (and changes nothing) while shards are pending."""
-    out_dir = Path(out_dir)
-    if names is None:
-        names = json.loads((out_dir / "shards.json").read_text())
-    pending = [n for n in names if not (out_dir / "shards" / f"{n}.done").exists()]
-    if pending:
-        logger.info("merge: %d of %d shards pending (e.g. %s); rerun the job to finish them", len(pending),
-                    len(names), ", ".join(pending[:3]))
-        return False
-    lines, index, seen = [], {}, set()
-    for name in names:
-        rows = 0
-        for line in (out_dir / "shards" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
-            if not line:
-                continue
-            row = json.loads(line)
-            if (name, row["key"]) in seen:
-                continue
-            seen.add((name, row["key"]))
-            lines.append(json.dumps({"shard": name, **row}, ensure_ascii=False))
-            rows += 1
-        done = json.loads((out_dir / "shards" / f"{name}.done").read_text())
-        index[name] = {"rows": rows, "failed": done["failed"], "source": done["source"]}
-    _atomic_write_text(out_dir / "captions.jsonl", "".join(x + "\n" for x in lines))
-    _atomic_write_text(out_dir / "index.json", json.dumps(
-        {"shards": index, "rows": len(lines), "failed": sum(v["failed"] for v in index.values())}, indent=1) + "\n")
-    logger.info("merged %d shards: %d captions -> %s", len(names), len(lines), out_dir / "captions.jsonl")
-    return True
