@@ -150,12 +150,17 @@ def cmd_caption(args) -> int:
     if result.failures:
         print(f"{result.failed} input(s) failed:", file=sys.stderr)
         for line in result.failures:
-            print(f"  {line}", file=sys.stderr)
+            print(f"  {_printable(line)}", file=sys.stderr)
         if result.errors_path:
-            print(f"failures listed in {result.errors_path}", file=sys.stderr)
+            print(f"failures listed in {_printable(str(result.errors_path))}", file=sys.stderr)
     print(f"captioned {result.captioned} input(s), {result.failed} failed, {result.skipped} skipped (already in the "
           f"output)", file=sys.stderr)
     return EXIT_FAILURES if result.failures else EXIT_OK
+
+
+def _printable(text: str) -> str:
+    """`text` with the undecodable bytes of file names (lone surrogates) shown as \\udcXY escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _print_captions(item: dict, captions: list[str]) -> None:
@@ -164,7 +169,7 @@ def _print_captions(item: dict, captions: list[str]) -> None:
         line = "\t".join([*item.values(), c]) + "\n"
         buffer = getattr(sys.stdout, "buffer", None)
         if buffer is None:
-            print(line.encode("utf-8", "backslashreplace").decode("utf-8"), end="", flush=True)
+            print(_printable(line), end="", flush=True)
         else:
             sys.stdout.flush()
             buffer.write(line.encode("utf-8", "surrogateescape"))
