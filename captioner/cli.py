@@ -139,8 +139,9 @@ def cmd_caption(args) -> int:
         items, failures = _caption_inputs(args.images, args.audio)
     if args.resume and not args.output:
         raise CLIError("--resume needs --output (the file to continue)")
-    if args.output and Path(args.output).exists() and not (args.resume or args.overwrite):
-        raise CLIError(f"{args.output}: exists; pass --resume to continue it or --overwrite to replace it")
+    for target in [args.output, args.errors or f"{args.output}.errors.jsonl"] if args.output else []:
+        if Path(target).exists() and not (args.resume or args.overwrite):
+            raise CLIError(f"{target}: exists; pass --resume to continue it or --overwrite to replace it")
     captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     result = caption_to_file(
         captioner, items, args.output, decode=decode, fmt=args.format, resume=args.resume, overwrite=args.overwrite,
