@@ -51,27 +51,26 @@ def item_key(item: dict) -> str:
 
 
 def _check_targets(targets: dict[str, Path], inputs: Iterable[str]) -> None:
-    """Refuse a target that is one of the inputs (by resolved path, or the same file under another
-    name) or that is another target."""
-    resolved = {name: path_key(p) for name, p in targets.items()}
-    if len(set(resolved.values())) < len(resolved):
+    """Refuse a target that is another target or one of the inputs. Only an existing target can be
+    an input, so inputs are compared by device and inode with those (which also catches the same
+    file under another name: a relative path, a symlink, a hard link)."""
+    if len({path_key(p) for p in targets.values()}) < len(targets):
         raise OutputError(f"{targets['errors']}: the errors file cannot be the output file")
-    inodes = {}
+    existing = {}
     for name, p in targets.items():
         try:
             st = os.stat(p)
-            inodes[(st.st_dev, st.st_ino)] = name
         except OSError:
-            pass
-    by_path = {v: k for k, v in resolved.items()}
+            continue
+        existing[(st.st_dev, st.st_ino)] = name
+    if not existing:
+        return
     for path in inputs:
-        hit = by_path.get(path_key(path))
-        if hit is None and inodes:
-            try:
-                st = os.stat(path)
-                hit = inodes.get((st.st_dev, st.st_ino))
-            except OSError:
-                pass
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        hit = existing.get((st.st_dev, st.st_ino))
         if hit is not None:
             raise OutputError(f"{targets[hit]}: is one of the inputs; refusing to write the {hit} file over it")
 
