@@ -222,3 +222,14 @@ def test_names_with_line_separators_survive_writing_resume_and_old_files(caption
                              for p in images))
     again = _caption(captioner, images, out, resume=True)
     assert (again.captioned, again.skipped) == (0, 3)
+
+
+def test_os_errors_are_file_system_errors(captioner, tmp_path):
+    from captioner.errors import FileSystemError
+
+    images = _images(tmp_path / "imgs", ["a.png"])
+    with pytest.raises(FileSystemError, match="no-such-folder.*cannot create"):
+        _caption(captioner, images, tmp_path / "no-such-folder" / "out.jsonl")
+    from captioner.shards.merge import merge
+    with pytest.raises(OutputError, match="no such folder"):
+        merge(tmp_path / "no-such-run")
