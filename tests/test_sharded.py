@@ -298,3 +298,21 @@ def test_stale_shard_outputs_are_not_merged(tmp_path):
     assert not prepare_shard(out, changed[1]) and not (out / "shards" / "s1.jsonl").exists()
     write_plan(out, changed[:1])  # s1 dropped from the plan: its files go
     assert not list((out / "shards").glob("s1.*")) and merge(out)["rows"] == 2
+
+
+def test_shard_fingerprint_follows_content(tmp_path):
+    from captioner.shards.merge import shard_fingerprint
+    from captioner.shards.sources import FileShard, TarShard
+
+    files = FileShard(name="files-00000", source="a", paths=["a.jpg", "b.jpg"])
+    assert shard_fingerprint(files) != shard_fingerprint(FileShard(name="files-00000", source="a",
+                                                                   paths=["a.jpg", "b.jpg", "c.jpg"]))
+    tar = tmp_path / "00000.tar"
+    with tarfile.open(tar, "w") as t:
+        _add(t, "k1.jpg", _jpeg((1, 2, 3)))
+    before = shard_fingerprint(TarShard(name="00000", source=str(tar), path=str(tar)))
+    assert before == shard_fingerprint(TarShard(name="00000", source=str(tar), path=str(tar)))
+    with tarfile.open(tar, "w") as t:  # rewritten with another sample
+        _add(t, "k1.jpg", _jpeg((1, 2, 3)))
+        _add(t, "k2.jpg", _jpeg((4, 5, 6)))
+    assert shard_fingerprint(TarShard(name="00000", source=str(tar), path=str(tar))) != before

@@ -19,7 +19,6 @@ marker, corrupt row) is one line naming the file.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -44,7 +43,7 @@ SHARD_SUFFIXES = (".errors.jsonl", ".jsonl", ".done", ".plan")
 def shard_fingerprint(shard) -> str:
     """What identifies a shard's content: its type and settings (file lists included), and the size and
     mtime of the one file a tar/parquet/CSV shard reads."""
-    settings = {f.name: getattr(shard, f.name) for f in dataclasses.fields(shard) if f.name != "batch_size"}
+    settings = {k: v for k, v in vars(shard).items() if k != "batch_size"}  # read size: not content
     stat = None
     if isinstance(getattr(shard, "path", None), str):
         with contextlib.suppress(OSError):
