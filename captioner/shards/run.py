@@ -145,6 +145,14 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
     return result
 
 
+def _fs(fn, out_dir: Path, *args):
+    """fn(out_dir, *args) with an OS error (disk full, permission) as one FileSystemError line."""
+    try:
+        return fn(out_dir, *args)
+    except OSError as e:
+        raise FileSystemError(f"{out_dir}: cannot write the shard plan: {e.strerror or e}") from None
+
+
 def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfig, batch_size: int = 32,
         num_workers: int = 2, rank: int = 0, world: int = 1, write_tars: str | None = None,
         max_pixels: int | None = MAX_PIXELS, jpeg_on_device: bool | None = None) -> list[ShardResult]:
@@ -157,11 +165,11 @@ def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfi
         raise FileSystemError(f"{out_dir}: cannot create the output folder: {e.strerror or e}") from None
     plan = make_plan(shards)
     if rank == 0:
-        write_plan(out_dir, plan)
+        _fs(write_plan, out_dir, plan)
     mine = list(zip(shards, plan))[rank::world]
     results, t0 = [], time.perf_counter()
     for shard, entry in mine:
-        if prepare_shard(out_dir, entry):
+        if _fs(prepare_shard, out_dir, entry):
             logger.info("rank %d: shard %s already done", rank, shard.name)
         else:
             r = caption_shard(captioner, shard, out_dir, decode=decode, batch_size=batch_size,
