@@ -121,10 +121,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    from tqdm.auto import tqdm
-
     from captioner.api import Captioner
-    from captioner.shards.outputs import ErrorLog, ResultWriter
+    from captioner.shards.caption_file import caption_to_file
 
     decode = config_from_args(DecodeConfig, args)
     if args.output_dir:
@@ -144,57 +142,42 @@ def cmd_caption(args) -> int:
         items, failures = _caption_inputs(args.images, args.audio)
     if args.resume and not args.output:
         raise CLIError("--resume needs --output (the file to continue)")
-    # Rows are keyed by the image path, else (sounds alone, or table rows without an image) the audio path.
-    id_field = "image" if any("image" in it for it in items) else "audio"
-    keys = [it.get("image") or it["audio"] for it in items]
+    for target in [args.output, args.errors or f"{args.output}.errors.jsonl"] if args.output else []:
+        if Path(target).exists() and not (args.resume or args.overwrite):
+            raise CLIError(f"{target}: exists; pass --resume to continue it or --overwrite to replace it")
     captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    if items:  # before any output file is created
-        captioner.model.check_modalities({m for it in items for m in it})
-    writer = errors = None
-    if args.output:
-        writer = ResultWriter(args.output, fmt=args.format, num_captions=decode.num_captions, resume=args.resume,
-                              overwrite=args.overwrite, id_field=id_field)
-        errors = ErrorLog(args.errors or f"{args.output}.errors.jsonl")
-        for line in failures:
-            errors.add(line.split(":", 1)[0], line)
-    skipped = len([k for k in keys if writer and k in writer.done])
-    todo = [(it, k) for it, k in zip(items, keys) if not (writer and k in writer.done)]
-    done = 0
-    try:
-        bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=len(todo) < 2 * args.batch_size)
-        results = captioner.iter_captions([it for it, _ in todo], decode=decode, batch_size=args.batch_size,
-                                          max_pixels=args.max_pixels or None, num_workers=args.num_workers,
-                                          jpeg_on_device=args.jpeg_on_device)
-        for i, ((item, captions, error), (_, key)) in enumerate(zip(results, todo), start=1):
-            bar.update(1)
-            if error:
-                failures.append(error)
-                if errors:
-                    errors.add(key, error)
-            elif writer:
-                writer.add(key, captions, **({"audio": item["audio"]} if id_field == "image" and "audio" in item
-                                             else {}))
-                done += 1
-            else:
-                for c in captions:
-                    print("\t".join([*item.values(), c]), flush=True)
-                done += 1
-            if writer and i % args.batch_size == 0:
-                writer.flush()  # one committed write per batch (the rest at close)
-        bar.close()
-    finally:
-        if writer:
-            writer.close()
-            errors.close()
-    if failures:
-        print(f"{len(failures)} input(s) failed:", file=sys.stderr)
-        for line in failures:
-            print(f"  {line}", file=sys.stderr)
-        if errors:
-            print(f"failures listed in {errors.path}", file=sys.stderr)
-    print(f"captioned {done} input(s), {len(failures)} failed, {skipped} skipped (already in the output)",
-          file=sys.stderr)
-    return EXIT_FAILURES if failures else EXIT_OK
+    result = caption_to_file(
+        captioner, items, args.output, decode=decode, fmt=args.format, resume=args.resume, overwrite=args.overwrite,
+        errors=args.errors, failures=failures, other_inputs=[args.table] if args.table else [],
+        batch_size=args.batch_size, max_pixels=args.max_pixels or None, num_workers=args.num_workers,
+        jpeg_on_device=args.jpeg_on_device, on_result=None if args.output else _print_captions)
+    if result.failures:
+        print(f"{result.failed} input(s) failed:", file=sys.stderr)
+        for line in result.failures:
+            print(f"  {_printable(line)}", file=sys.stderr)
+        if result.errors_path:
+            print(f"failures listed in {_printable(str(result.errors_path))}", file=sys.stderr)
+    print(f"captioned {result.captioned} input(s), {result.failed} failed, {result.skipped} skipped (already in the "
+          f"output)", file=sys.stderr)
+    return EXIT_FAILURES if result.failures else EXIT_OK
+
+
+def _printable(text: str) -> str:
+    """`text` with the undecodable bytes of file names (lone surrogates) shown as \\udcXY escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _print_captions(item: dict, captions: list[str]) -> None:
+    """path<TAB>caption per caption; a name that is not valid UTF-8 is printed as its original bytes."""
+    for c in captions:
+        line = "\t".join([*item.values(), c]) + "\n"
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is None:
+            print(_printable(line), end="", flush=True)
+        else:
+            sys.stdout.flush()
+            buffer.write(line.encode("utf-8", "surrogateescape"))
+            buffer.flush()
 
 
 def _caption_inputs(images: list[str], audio: list[str] | None) -> tuple[list[dict], list[str]]:
@@ -261,11 +244,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from captioner.shards import run as sharded
+    from captioner.shards.merge import merge
 
-    if not sharded.merge(args.output_dir):
+    index = merge(args.output_dir)
+    if index is None:
         raise CLIError(f"{args.output_dir}: some shards are not done yet; rerun the captioning job to finish them")
-    index = json.loads((Path(args.output_dir) / "index.json").read_text())
     print(f"merged {len(index['shards'])} shards: {index['rows']} captions, {index['failed']} failed items "
           f"-> {Path(args.output_dir) / 'captions.jsonl'}")
     return EXIT_OK
@@ -582,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     from captioner.model.model import ModalityError
     from captioner.shards.sources import SourceError
     from captioner.errors import TrainingError
+    from captioner.errors import CaptionerError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -594,6 +578,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CLIError, ConfigError, CheckpointError, DataError, ImageError, ModelLoadError, MetricsError,
-            SourceError, ModalityError, TrainingError) as e:
+            SourceError, ModalityError, TrainingError, CaptionerError) as e:
         print(f"captioner {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -63,3 +63,7 @@ class FileSystemError(CaptionerError, OSError):
 
 class TrainingError(CaptionerError, RuntimeError):
     """Training cannot go on (the loss stopped being finite); the message says what was saved."""
+
+
+class OutputError(CaptionerError, ValueError):
+    """A result or errors file cannot be written: it exists, is not one of ours, is an input, or is in use."""

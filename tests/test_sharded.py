@@ -157,3 +157,162 @@ def test_jpegs_decoded_on_device_give_the_same_rows_and_errors(setup, tmp_path, 
     assert results["--jpeg-on-device"] == results["--no-jpeg-on-device"]
     assert len(results["--jpeg-on-device"][0]) == 5 and len(results["--jpeg-on-device"][1]) == 2
     assert decoded == [f"{bad / '00000.tar'}:good{i}.jpg" for i in range(5)]  # the damaged ones went to PIL
+
+
+# ------------------------------------------------------------------ shard plan and merge
+
+def _loose(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        path = os.path.join(os.fsencode(folder), name) if isinstance(name, bytes) else str(folder / name)
+        with open(path, "wb") as f:
+            f.write(_jpeg((20 * i, 100, 50)))
+
+
+def _run_in_process(setup, inputs, out, *extra):
+    from captioner.cli import main
+
+    return main(["caption", *map(str, inputs), "--model", str(setup / "model"), "--output-dir", str(out),
+                 "--strategy", "greedy", "--max-new-tokens", "3", "--batch-size", "4", "--num-workers", "0", *extra])
+
+
+def test_rerun_with_changed_inputs_redoes_changed_shards_and_keeps_each_key_once(setup, tmp_path):
+    folder, out = tmp_path / "imgs", tmp_path / "out"
+    _loose(folder, [f"{i:02d}.jpg" for i in range(6)])
+    assert _run_in_process(setup, [folder], out, "--files-per-shard", "4") == 0
+    first = {r["key"]: r["caption"] for r in _merged(out)}
+    _loose(folder, [f"{i:02d}.jpg" for i in range(6, 9)])  # files added to the folder
+    assert _run_in_process(setup, [folder], out, "--files-per-shard", "4") == 0
+    keys = [r["key"] for r in _merged(out)]
+    assert sorted(keys) == sorted(str(folder / f"{i:02d}.jpg") for i in range(9))  # nothing missing, none twice
+    assert {k: c for k, c in ((r["key"], r["caption"]) for r in _merged(out)) if k in first} == first
+    assert _run_in_process(setup, [folder], out, "--files-per-shard", "2") == 0  # another shard size
+    keys = [r["key"] for r in _merged(out)]
+    assert len(keys) == len(set(keys)) == 9
+    assert sorted(p.name for p in (out / "shards").glob("*.done")) == [f"files-{i:05d}.done" for i in range(5)]
+    from captioner.shards.merge import read_index
+    assert read_index(out)["rows"] == 9
+
+
+def test_sharded_names_that_are_not_utf8_or_hold_line_separators(setup, tmp_path):
+    folder, out = tmp_path / "imgs", tmp_path / "out"
+    _loose(folder, [b"\xff.jpg", "a\u2028b.jpg", "c\x85d.jpg", "plain.jpg"])
+    (folder / os.fsdecode(b"bad\xfe.jpg")).write_bytes(b"")
+    assert _run_in_process(setup, [folder], out) == 1  # the bad file fails, the shard finishes
+    keys = {os.fsencode(r["key"]) for r in _merged(out)}
+    assert keys == {os.path.join(os.fsencode(folder), n)
+                    for n in (b"\xff.jpg", "a\u2028b.jpg".encode(), "c\x85d.jpg".encode(), b"plain.jpg")}
+    errors = [json.loads(x) for x in (out / "shards" / "files-00000.errors.jsonl").read_bytes().split(b"\n") if x]
+    assert [os.fsencode(e["key"]) for e in errors] == [os.path.join(os.fsencode(folder), b"bad\xfe.jpg")]
+    before = (out / "captions.jsonl").read_bytes()
+    assert _run_in_process(setup, [folder], out) == 0  # the rerun reads every shard file back
+    assert (out / "captions.jsonl").read_bytes() == before
+
+
+def _fake_run(out, shards):
+    """A finished sharded run written by hand: {shard name: [rows]}."""
+    from captioner.shards.merge import prepare_shard, write_plan
+
+    (out / "shards").mkdir(parents=True)
+    plan = [{"name": name, "source": f"{name}.tar", "fingerprint": f"fp-{name}"} for name in shards]
+    write_plan(out, plan)
+    for entry in plan:
+        prepare_shard(out, entry)
+        name = entry["name"]
+        (out / "shards" / f"{name}.jsonl").write_bytes(b"".join(
+            json.dumps(row, ensure_ascii=False).encode() + b"\n" for row in shards[name]))
+        (out / "shards" / f"{name}.done").write_text(json.dumps({"shard": name, "source": f"{name}.tar", "failed": 0}))
+    return plan
+
+
+def _rows(shard, n, caption="a caption"):
+    return [{"key": f"{shard}-{i}", "source": f"{shard}.tar:{i}.jpg", "caption": caption} for i in range(n)]
+
+
+def test_merge_bad_inputs_are_one_line_each(tmp_path, capsys):
+    from captioner.cli import main
+
+    assert main(["merge", str(tmp_path / "missing")]) == 2
+    assert main(["merge", str(tmp_path)]) == 2  # a folder that is not a run
+    out = tmp_path / "run"
+    _fake_run(out, {"s0": _rows("s0", 3), "s1": _rows("s1", 3)})
+    (out / "shards" / "s1.done").write_text("{not json")
+    assert main(["merge", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([x for x in err if x.startswith("captioner merge: error:")]) == 3 and "Traceback" not in "".join(err)
+    assert "missing: no such folder" in err[0] and "shards.json" in err[1] and "s1.done" in err[-1]
+    (out / "shards" / "s1.done").write_text(json.dumps({"shard": "s1", "source": "s1.tar", "failed": 0}))
+    with open(out / "shards" / "s1.jsonl", "ab") as f:
+        f.write(b"garbage\n")
+    assert main(["merge", str(out)]) == 2
+    assert "s1.jsonl:4: not a JSON line" in capsys.readouterr().err
+    assert not (out / "captions.jsonl").exists() and not list(out.glob(".*.tmp"))  # nothing half-written
+
+
+def test_merge_is_streamed_keys_once_and_the_pair_checked(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from captioner.shards import merge as merging
+
+    out = tmp_path / "run"
+    shards = {f"s{s}": _rows(f"s{s}", 1500, caption="x" * 500) for s in range(4)}
+    shards["s0"] += shards["s0"][:5]  # a key written twice (e.g. by an old version) is merged once
+    _fake_run(out, shards)
+    (out / ".captions.jsonl.1234.tmp").write_text("left by a killed merge")
+    import logging
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # earlier CLI tests left handlers on closed streams
+    tracemalloc.start()
+    index = merging.merge(out)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    total = sum((out / "shards" / f"{n}.jsonl").stat().st_size for n in shards)
+    assert peak < total / 4, (peak, total)  # never all rows in memory
+    assert index["rows"] == 6000 and merging.read_index(out) == index
+    assert not (out / ".captions.jsonl.1234.tmp").exists()
+    # killed between the two renames: new captions, old index -> detected, and the next merge repairs it
+    (out / "shards" / "s3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows("s3", 2)))
+    real = merging.atomic_write
+
+    def killed(path, data, **kw):
+        if path.name == "index.json":
+            raise KeyboardInterrupt
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(merging, "atomic_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        merging.merge(out)
+    with pytest.raises(merging.OutputError, match="merge was interrupted"):
+        merging.read_index(out)
+    monkeypatch.setattr(merging, "atomic_write", real)
+    assert merging.merge(out)["rows"] == 4502 and merging.read_index(out)["rows"] == 4502
+
+
+def test_stale_shard_outputs_are_not_merged(tmp_path):
+    from captioner.shards.merge import merge, prepare_shard, write_plan
+
+    out = tmp_path / "run"
+    plan = _fake_run(out, {"s0": _rows("s0", 2), "s1": _rows("s1", 2)})
+    changed = [plan[0], {**plan[1], "fingerprint": "other"}]
+    write_plan(out, changed[:1] + changed[1:])
+    assert merge(out) is None  # s1's outputs belong to other inputs: pending, not merged
+    assert not prepare_shard(out, changed[1]) and not (out / "shards" / "s1.jsonl").exists()
+    write_plan(out, changed[:1])  # s1 dropped from the plan: its files go
+    assert not list((out / "shards").glob("s1.*")) and merge(out)["rows"] == 2
+
+
+def test_shard_fingerprint_follows_content(tmp_path):
+    from captioner.shards.merge import shard_fingerprint
+    from captioner.shards.sources import FileShard, TarShard
+
+    files = FileShard(name="files-00000", source="a", paths=["a.jpg", "b.jpg"])
+    assert shard_fingerprint(files) != shard_fingerprint(FileShard(name="files-00000", source="a",
+                                                                   paths=["a.jpg", "b.jpg", "c.jpg"]))
+    tar = tmp_path / "00000.tar"
+    with tarfile.open(tar, "w") as t:
+        _add(t, "k1.jpg", _jpeg((1, 2, 3)))
+    before = shard_fingerprint(TarShard(name="00000", source=str(tar), path=str(tar)))
+    assert before == shard_fingerprint(TarShard(name="00000", source=str(tar), path=str(tar)))
+    with tarfile.open(tar, "w") as t:  # rewritten with another sample
+        _add(t, "k1.jpg", _jpeg((1, 2, 3)))
+        _add(t, "k2.jpg", _jpeg((4, 5, 6)))
+    assert shard_fingerprint(TarShard(name="00000", source=str(tar), path=str(tar))) != before

@@ -9,15 +9,18 @@ output directory) takes shards rank, rank + world, ... For each shard it writes
     OUT/shards/<shard>.jsonl         key, source, caption(s): appended a batch at a time (outputs.py)
     OUT/shards/<shard>.errors.jsonl  key, source, error: items that could not be read
     OUT/shards/<shard>.done          written (atomically) only after the shard's rows are flushed
+    OUT/shards/<shard>.plan          the fingerprint of the shard's inputs (merge.py), written first
 
-A rerun skips done shards and continues an unfinished shard item by item, so a killed or preempted
-process loses at most one batch and no key is captioned twice. Every process tries the merge when it
-finishes; it succeeds once all shards are done and writes OUT/captions.jsonl and OUT/index.json
-(atomically; running it again gives the same files). `captioner merge OUT` runs it by hand.
+A rerun skips done shards whose inputs are unchanged, redoes shards whose inputs changed, and
+continues an unfinished shard item by item, so a killed or preempted process loses at most one batch
+and no key is captioned twice. Every process tries the merge (merge.py) when it finishes; it succeeds
+once all shards are done and writes OUT/captions.jsonl and OUT/index.json (running it again gives the
+same files). `captioner merge OUT` runs it by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,9 +33,12 @@ from tqdm.auto import tqdm
 
 from captioner.config import DecodeConfig
 from captioner.data.sets import AUDIO_EXTENSIONS
+from captioner.errors import FileSystemError
+from captioner.files import atomic_write
 from captioner.inputs.image import MAX_PIXELS
 from captioner.inputs.loader import InputStream
-from captioner.shards.outputs import ResultWriter
+from captioner.shards.merge import make_plan, merge, prepare_shard, write_plan
+from captioner.shards.outputs import ErrorLog, ResultWriter, iter_json_rows
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +49,6 @@ def dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as set by torchrun / accelerate launch; (0, 1, 0) otherwise."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _ShardRows:
@@ -109,7 +106,8 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
     dataset = InputStream(_ShardRows(shard, writer.done, captioner.model.modalities),
                           captioner.input_reader(max_pixels=max_pixels, jpegs=pipeline is not None))
     t0, captioned, failed = time.perf_counter(), 0, 0
-    with open(errors_path, "w", encoding="utf-8") as errors, tqdm(desc=desc or shard.name, unit="item") as bar:
+    with contextlib.closing(ErrorLog(errors_path, overwrite=True, id_field="key")) as errors, \
+            tqdm(desc=desc or shard.name, unit="item") as bar:
         for batch, groups in captioner.feature_batches(dataset, batch_size=batch_size, num_workers=num_workers,
                                                        pipeline=pipeline):
             captions = {}
@@ -117,7 +115,7 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
                 captions.update(zip(rows, captioner.caption_features(features, decode)))
             for j, ((k, s), _, e) in enumerate(batch):
                 if e is not None:
-                    errors.write(json.dumps({"key": k, "source": s, "error": str(e)}, ensure_ascii=False) + "\n")
+                    errors.add(k, str(e), source=s)
                     failed += 1
                 else:
                     writer.add(k, captions[j], source=s)
@@ -129,28 +127,37 @@ def caption_shard(captioner, shard, out_dir: Path, *, decode: DecodeConfig, batc
     writer.close()
     seconds = time.perf_counter() - t0
     result = ShardResult(shard.name, captioned, failed, skipped, seconds)
-    _atomic_write_text(shard_dir / f"{shard.name}.done", json.dumps({
+    atomic_write(shard_dir / f"{shard.name}.done", json.dumps({
         "shard": shard.name, "source": shard.source, "rows": captioned + skipped, "failed": failed,
         "seconds": seconds}) + "\n")
     return result
 
 
+def _fs(fn, out_dir: Path, *args):
+    """fn(out_dir, *args) with an OS error (disk full, permission) as one FileSystemError line."""
+    try:
+        return fn(out_dir, *args)
+    except OSError as e:
+        raise FileSystemError(f"{out_dir}: cannot write the shard plan: {e.strerror or e}") from None
+
+
 def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfig, batch_size: int = 32,
         num_workers: int = 2, rank: int = 0, world: int = 1, write_tars: str | None = None,
         max_pixels: int | None = MAX_PIXELS, jpeg_on_device: bool | None = None) -> list[ShardResult]:
-    """Caption this process's shards (rank::world), skipping done ones; then try the merge."""
+    """Caption this process's shards (rank::world), skipping done ones whose inputs are unchanged and
+    redoing those whose inputs changed (merge.py); then try the merge."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = [s.name for s in shards]
-    if len(set(names)) != len(names):
-        raise ValueError("shard names are not unique")
+    try:
+        (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileSystemError(f"{out_dir}: cannot create the output folder: {e.strerror or e}") from None
+    plan = make_plan(shards)
     if rank == 0:
-        _atomic_write_text(out_dir / "shards.json", json.dumps(names) + "\n")
-    mine = shards[rank::world]
+        _fs(write_plan, out_dir, plan)
+    mine = list(zip(shards, plan))[rank::world]
     results, t0 = [], time.perf_counter()
-    for shard in mine:
-        done = out_dir / "shards" / f"{shard.name}.done"
-        if done.exists():
+    for shard, entry in mine:
+        if _fs(prepare_shard, out_dir, entry):
             logger.info("rank %d: shard %s already done", rank, shard.name)
         else:
             r = caption_shard(captioner, shard, out_dir, decode=decode, batch_size=batch_size,
@@ -164,7 +171,7 @@ def run(captioner, shards: Sequence, out_dir: str | Path, *, decode: DecodeConfi
     n = sum(r.captioned + r.failed for r in results)
     logger.info("rank %d: %d images in %.1f s (%.1f img/s)", rank, n, time.perf_counter() - t0,
                 n / max(time.perf_counter() - t0, 1e-9))
-    merge(out_dir, names)
+    merge(out_dir, plan)
     return results
 
 
@@ -175,38 +182,6 @@ def _write_back(shard, out_dir: Path, suffix: str) -> None:
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(x) for x in (out_dir / "shards" / f"{shard.name}.jsonl").read_text().splitlines() if x]
-    caps = {r["key"]: r.get("captions", r["caption"]) for r in rows}
+    caps = {r["key"]: r.get("captions", r["caption"])
+            for _, r in iter_json_rows(out_dir / "shards" / f"{shard.name}.jsonl")}
     write_tar_with_captions(shard, caps, target, suffix=suffix)
-
-
-def merge(out_dir: str | Path, names: Sequence[str] | None = None) -> bool:
-    """If every shard is done, write OUT/captions.jsonl (each (shard, key) once) and OUT/index.json.
-    Idempotent; returns False (and changes nothing) while shards are pending."""
-    out_dir = Path(out_dir)
-    if names is None:
-        names = json.loads((out_dir / "shards.json").read_text())
-    pending = [n for n in names if not (out_dir / "shards" / f"{n}.done").exists()]
-    if pending:
-        logger.info("merge: %d of %d shards pending (e.g. %s); rerun the job to finish them", len(pending),
-                    len(names), ", ".join(pending[:3]))
-        return False
-    lines, index, seen = [], {}, set()
-    for name in names:
-        rows = 0
-        for line in (out_dir / "shards" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
-            if not line:
-                continue
-            row = json.loads(line)
-            if (name, row["key"]) in seen:
-                continue
-            seen.add((name, row["key"]))
-            lines.append(json.dumps({"shard": name, **row}, ensure_ascii=False))
-            rows += 1
-        done = json.loads((out_dir / "shards" / f"{name}.done").read_text())
-        index[name] = {"rows": rows, "failed": done["failed"], "source": done["source"]}
-    _atomic_write_text(out_dir / "captions.jsonl", "".join(x + "\n" for x in lines))
-    _atomic_write_text(out_dir / "index.json", json.dumps(
-        {"shards": index, "rows": len(lines), "failed": sum(v["failed"] for v in index.values())}, indent=1) + "\n")
-    logger.info("merged %d shards: %d captions -> %s", len(names), len(lines), out_dir / "captions.jsonl")
-    return True
