@@ -391,9 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "member per key to DIR/wds")
     add_captioning_flags(p, cmd_caption)
 
-    p = sub.add_parser("bench", help="speed benchmark (eval/bench.py): decoding vs ClipCap's way and HF generate",
+    p = sub.add_parser("bench", add_help=False, help="speed benchmark (eval/bench.py): decoding vs ClipCap's way and HF generate",
                        description="Runs eval/bench.py from the source checkout; arguments after 'bench' go to it "
-                                   "(e.g. captioner bench --batch-sizes 1,32 --skip-train).")
+                                   "(e.g. captioner bench --batch-sizes 1,32 --skip-train; --help: its options).")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for eval/bench.py")
     p.set_defaults(func=cmd_bench)
 
@@ -470,7 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "bench":  # everything after the command word is eval/bench.py's, verbatim
+        args.bench_args = argv[next(i for i, a in enumerate(argv) if a == "bench") + 1:]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args._argv = argv
     # Our progress messages at INFO; libraries (accelerate, transformers) only when they warn.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
