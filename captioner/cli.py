@@ -240,8 +240,8 @@ def cmd_eval(args) -> int:
     if args.no_clip_score:
         scorer = None
     elif args.clip_score_model and any(ex.image for ex in examples):
-        pretrained = None if args.clip_score_pretrained.lower() in ("none", "null") else args.clip_score_pretrained
-        scorer, _ = ev_lib.clip_scorer_for(captioner, model=args.clip_score_model, pretrained=pretrained)
+        scorer, _ = ev_lib.clip_scorer_for(captioner, model=args.clip_score_model,
+                                           pretrained=args.clip_score_pretrained)
     ev = ev_lib.evaluate_captioner(
         captioner, examples, decode=decode, metrics=ev_lib.default_metrics(examples, spice=args.spice),
         modalities=args.modalities, batch_size=args.batch_size, num_workers=args.num_workers, clip_scorer=scorer,
@@ -268,22 +268,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from captioner.data.sets import load_references, match_prediction_ids, read_predictions
-    from captioner.scoring.metrics import score_captions
+    from captioner.scoring.evaluate import score_files
 
-    references = load_references(args.references, split=args.split)
-    predictions = match_prediction_ids(read_predictions(args.predictions), references, source=args.predictions)
-    metrics = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", *(("SPICE",) if args.spice else ()))
-    scores = score_captions(predictions, {k: references[k] for k in predictions}, metrics=metrics)
-    print(f"{args.predictions} against {args.references}, {len(predictions)} images:")
+    scores = score_files(args.predictions, args.references, split=args.split, spice=args.spice, output=args.output)
+    print(f"{args.predictions} against {args.references}, {len(scores.per_image)} images:")
     print_scores(scores.corpus, coco_exact=scores.coco_exact, skipped=scores.skipped)
     if args.output:
-        from captioner.scoring.evaluate import write_json
-
-        write_json(args.output, {"predictions": args.predictions, "references": args.references,
-                                        "corpus": scores.corpus, "coco_exact": scores.coco_exact,
-                                        "skipped": scores.skipped,
-                                        "per_image": {str(k): v for k, v in scores.per_image.items()}})
         print(f"wrote {args.output}")
     return EXIT_OK
 

@@ -115,7 +115,14 @@ def call_hub(load: Callable, what: str, name: str, *, hint: str = OFFLINE_HINT, 
     offline = not local and not hub_reachable()
     try:
         return load(name, local_files_only=offline, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as e:
-        where = "local directory" if local else "hub id"
-        why = "the hub is unreachable and it is not in the local cache" if offline else " ".join(str(e).split())
-        raise ModelLoadError(f"could not load {what} {name!r} ({where}): {why}. {hint}") from None
+    except Exception as e:  # malformed files surface as KeyError, TypeError, tokenizers' bare Exception, ...
+        if local:  # the offline hint (use a local path) does not apply
+            raise ModelLoadError(f"could not load {what} from local directory {name!r}: {type(e).__name__}: "
+                                 f"{_brief(e)}") from None
+        why = "the hub is unreachable and it is not in the local cache" if offline else _brief(e)
+        raise ModelLoadError(f"could not load {what} {name!r} (hub id): {why}. {hint}") from None
+
+
+def _brief(e: Exception, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."

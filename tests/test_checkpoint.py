@@ -193,3 +193,15 @@ def test_hub_loads_never_trust_remote_code(monkeypatch):
     monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: True)
     hub.call_hub(lambda name, **kw: seen.update(kw), "LM", "some/hub-id")
     assert seen["trust_remote_code"] is False
+
+
+def test_garbage_tokenizer_directory_for_training_is_one_line(tmp_path):
+    from captioner.model.encoders import ModelLoadError, build_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_text('{"model": 3}')
+    (tok_dir / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    with pytest.raises(ModelLoadError, match="could not load tokenizer from local directory") as e:
+        build_tokenizer(ModelConfig(tokenizer=str(tok_dir)))
+    assert "\n" not in str(e.value) and "Offline" not in str(e.value)

@@ -176,10 +176,7 @@ def build_tokenizer(config: ModelConfig, directory: str | Path | None = None):
         try:
             tok = call_hub(AutoTokenizer.from_pretrained, "tokenizer", name)
         except ModelLoadError as e:
-            raise CheckpointError(f"{where}: {e}") from None
-        except Exception as e:  # a malformed tokenizer.json surfaces as KeyError, TypeError, tokenizers' Exception
-            raise CheckpointError(f"{where}: unreadable tokenizer ({type(e).__name__}: "
-                                  f"{' '.join(str(e).split())[:200]})") from None
+            raise CheckpointError(f"{where}: unreadable tokenizer ({e})") from None
     if tok.eos_token_id is None:
         raise ModelLoadError(f"tokenizer {name!r} has no EOS token; captions need one to end")
     return tok

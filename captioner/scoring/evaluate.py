@@ -1,5 +1,6 @@
 """Evaluation workflows over a captioner: which CLIPScore model to use, the per-input ablation, and the
-files an evaluation writes (scores.json, predictions.json in the COCO results format, report.html).
+files an evaluation writes (scores.json, predictions.json in the COCO results format, report.html); and
+`score_files`, scoring any system's predictions file against references (`captioner score`).
 
 `evaluate_captioner` is what `captioner eval` runs; Python users call it the same way:
 
@@ -47,6 +48,8 @@ def clip_scorer_for(captioner, *, model: str | None = None, pretrained: str | No
     random or custom image encoder has no trained text tower)."""
     from captioner.scoring.clipscore import CLIPScorer
 
+    if isinstance(pretrained, str) and pretrained.lower() in ("none", "null"):
+        pretrained = None
     if model:
         return CLIPScorer.from_open_clip(model, pretrained, device=captioner.device), None
     cfg = captioner.config
@@ -130,3 +133,22 @@ def evaluate_captioner(captioner, examples: Sequence, *, decode: DecodeConfig | 
     if output_dir is not None:
         ev.files = write_eval_outputs(output_dir, ev, decode=decode, info=info, title=title)
     return ev
+
+
+def score_files(predictions: str | Path, references: str | Path, *, split: str = "test", spice: bool = False,
+                output: str | Path | None = None):
+    """Score a predictions file (COCO results JSON, JSONL or CSV) against references (COCO captions JSON,
+    Karpathy split JSON, imagefolder, table): `metrics.CaptionScores`; with `output`, also a JSON file of
+    the corpus and per-image scores."""
+    from captioner.data.sets import load_references, match_prediction_ids, read_predictions
+    from captioner.scoring.metrics import score_captions
+
+    refs = load_references(references, split=split)
+    preds = match_prediction_ids(read_predictions(predictions), refs, source=str(predictions))
+    metrics = (*DEFAULT_METRICS, *(("SPICE",) if spice else ()))
+    scores = score_captions(preds, {k: refs[k] for k in preds}, metrics=metrics)
+    if output is not None:
+        write_json(output, {"predictions": str(predictions), "references": str(references), "corpus": scores.corpus,
+                            "coco_exact": scores.coco_exact, "skipped": scores.skipped,
+                            "per_image": {str(k): v for k, v in scores.per_image.items()}})
+    return scores
