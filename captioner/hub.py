@@ -4,7 +4,8 @@
 forgets the answer); `call_hub` runs a transformers from_pretrained with `local_files_only` when offline
 and `trust_remote_code=False` always, and turns failures into one `ModelLoadError` line naming a local
 alternative; `hub_offline()` switches huggingface_hub / datasets to their caches for libraries without
-such a flag, and restores them. A model directory is untrusted input: `refuse_remote_code` rejects one
+such a flag, and restores them; `no_remote_code()` makes loaders without a trust_remote_code argument refuse
+shipped code instead of asking on stdin. A model directory is untrusted input: `refuse_remote_code` rejects one
 whose configs ask transformers to run code shipped with it (`auto_map`) before transformers reads it.
 """
 
@@ -103,6 +104,20 @@ def refuse_remote_code(directory: str | Path, *, error: type[Exception] = ModelL
         if isinstance(data, dict) and "auto_map" in data:
             raise error(f"{path}: asks to run custom code shipped with the model (auto_map); captioner never "
                         "runs code from a model directory")
+
+
+@contextlib.contextmanager
+def no_remote_code():
+    """For loaders we cannot pass trust_remote_code=False to (open_clip builds Hugging Face text towers
+    itself): a model asking to run shipped code fails at once instead of asking on stdin. Restored on exit."""
+    from transformers import dynamic_module_utils
+
+    old = dynamic_module_utils.TIME_OUT_REMOTE_CODE
+    dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0  # 0: refuse instead of prompting (transformers' CI setting)
+    try:
+        yield
+    finally:
+        dynamic_module_utils.TIME_OUT_REMOTE_CODE = old
 
 
 def call_hub(load: Callable, what: str, name: str, *, hint: str = OFFLINE_HINT, **kwargs):

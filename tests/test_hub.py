@@ -59,3 +59,24 @@ def test_hub_offline_restores_every_flag_it_flips(monkeypatch):
                 assert datasets_config.HF_HUB_OFFLINE is True
             raise RuntimeError("a failing load")
     assert (hub_constants.HF_HUB_OFFLINE, getattr(datasets_config, "HF_HUB_OFFLINE", None)) == before
+
+
+def test_open_clip_loads_refuse_shipped_code_without_asking(monkeypatch):
+    """open_clip builds Hugging Face text towers itself (no trust_remote_code argument): a model asking to
+    run shipped code is refused, never asked about on stdin."""
+    import open_clip
+    from transformers import dynamic_module_utils
+
+    from captioner.model.encoders import ModelLoadError, create_open_clip
+
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *a, **k: asked.append(a) or "y")
+    before = dynamic_module_utils.TIME_OUT_REMOTE_CODE
+
+    def create(*a, **k):  # what transformers does inside open_clip for a text tower with auto_map
+        dynamic_module_utils.resolve_trust_remote_code(None, "evil/tower", has_local_code=False, has_remote_code=True)
+        raise AssertionError("custom code would have run")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
+    with pytest.raises(ModelLoadError, match="evil-clip.*custom code"):
+        create_open_clip("evil-clip", None)
+    assert asked == [] and dynamic_module_utils.TIME_OUT_REMOTE_CODE == before

@@ -120,7 +120,7 @@ def create_open_clip(model_name: str, pretrained: str | None, *, needs_hub: bool
         needs_hub = bool(pretrained) and not os.path.exists(pretrained)
     offline = needs_hub and not hub.hub_reachable()
     try:
-        with hub.hub_offline() if offline else contextlib.nullcontext():
+        with hub.hub_offline() if offline else contextlib.nullcontext(), hub.no_remote_code():
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for unknown or unreachable weights
         why = "the hub is unreachable and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
