@@ -48,6 +48,10 @@ def test_writing_under_a_file_is_one_line_with_exit_3(tmp_path, capsys):
                                 "annotations": [{"id": 1, "image_id": 1, "caption": "a red circle"}]}))
     preds = tmp_path / "preds.json"
     preds.write_text(json.dumps([{"image_id": 1, "caption": "a red circle"}]))
+    assert main(["score", "--predictions", str(preds), "--references", str(refs), "-o", str(tmp_path / "s.json")]) == 0
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["corpus"]["Bleu_1"] == pytest.approx(1.0, abs=1e-6)  # the caption is its reference
+    assert list(written["per_image"]) == ["1"] and written["predictions"] == str(preds)
     blocker = tmp_path / "file"
     blocker.write_text("")
     code = main(["score", "--predictions", str(preds), "--references", str(refs), "-o", str(blocker / "s.json")])
