@@ -188,7 +188,7 @@ def cmd_bench(args) -> int:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     try:
-        return int(bench.main(list(args.bench_args)) or 0)
+        return int(bench.main(list(args.bench_args), prog="captioner bench") or 0)
     except SystemExit as e:  # its own argparse: --help, bad arguments
         return int(e.code or 0)
 
