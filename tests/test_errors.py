@@ -134,3 +134,14 @@ def test_ablation_is_refused_before_captioning_without_naming_flags(make_caption
     with pytest.raises(errors.ConfigError, match="two inputs") as e:
         evaluate_captioner(cap, shapes_examples, ablate=True)
     assert "--" not in str(e.value)
+
+
+def test_clip_scorer_for_takes_a_model_with_random_weights(make_captioner, tmp_path):
+    from captioner.scoring.evaluate import clip_scorer_for
+
+    from test_cli import TINY_SCORE_CLIP
+
+    clip_json = tmp_path / "score_clip.json"
+    clip_json.write_text(json.dumps(TINY_SCORE_CLIP))
+    scorer, note = clip_scorer_for(make_captioner(), model=str(clip_json), pretrained="none")  # as the CLI passes it
+    assert note is None and scorer is not None
