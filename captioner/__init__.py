@@ -3,9 +3,10 @@ image and audio captioning."""
 
 from captioner.api import Captioner
 from captioner.config import DecodeConfig, ModelConfig
+from captioner.errors import CaptionerError
 
 __version__ = "0.1.0"
-__all__ = ["Captioner", "DecodeConfig", "ModelConfig", "evaluate", "__version__"]
+__all__ = ["Captioner", "CaptionerError", "DecodeConfig", "ModelConfig", "evaluate", "__version__"]
 
 
 def __getattr__(name: str):

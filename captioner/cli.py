@@ -1,103 +1,36 @@
 """Command line: `captioner train | caption | eval | score | merge | bench | demo`.
 
-The only module that parses arguments.
-
-Flags for config fields are generated from the dataclasses in config.py / training.py (help text and
-defaults live there). Every command is `main(argv)` so tests run it in-process.
+The only module that parses arguments: it builds configs, calls the library and prints. Flags for config
+fields are generated from the dataclasses in config.py (help text and defaults live there; see flags.py).
+Every command is `main(argv)` so tests run it in-process.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
+import os
 import sys
 import time
-import typing
 from pathlib import Path
 
-from captioner.config import (ConfigError, DecodeConfig, ModelConfig, from_dict, load_config_file, load_json,
-                              nonnegative_int, positive_int)
+from captioner.config import DecodeConfig, ModelConfig, load_config_file, nonnegative_int, positive_int
+from captioner.errors import CaptionerError, FileSystemError
+from captioner.flags import add_dataclass_flags, config_from_args, parse_list as _parse_list
 from captioner.inputs.image import MAX_PIXELS
 
 logger = logging.getLogger("captioner")
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+# 1 is "some inputs failed" (the rest were done); errors that stop a command carry their own code.
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_OS = 0, 1, CaptionerError.exit_code, FileSystemError.exit_code
+EXIT_CODES = (f"exit codes: {EXIT_OK} success; {EXIT_FAILURES} some inputs failed (the rest were done); "
+              f"{EXIT_USAGE} usage, configuration, data or model error; {EXIT_OS} file system error (missing "
+              "folder, permission, disk full). Errors are one line on stderr.")
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
-
-
-# ------------------------------------------------------------------ flags from dataclasses
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _parse_optional(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _parse_json_arg(text: str):
-    """A dict flag takes inline JSON or a path to a JSON file."""
-    if text.lower() in ("none", "null"):
-        return None
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise argparse.ArgumentTypeError(f"invalid JSON: {e.msg}") from None
-    try:
-        return load_json(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _parse_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), only=None, title=None) -> None:
-    """One flag per field (or per field in `only`); defaults are SUPPRESSed so only flags given by the user
-    override a config."""
-    group = parser.add_argument_group(title or cls.__name__)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or (only is not None and f.name not in only) or dataclasses.is_dataclass(hints[f.name]):
-            continue
-        hint = hints[f.name]
-        if typing.get_origin(hint) is list:  # comma-separated, e.g. --modalities image,audio
-            group.add_argument(_flag(f.name), type=_parse_list, default=argparse.SUPPRESS, metavar="A,B",
-                               help=f"{f.metadata.get('help', '')} (default: {','.join(f.default_factory())})")
-            continue
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        base = next((a for a in args if a is not type(None)), hint)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        if base is bool:
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_text)
-        elif base is dict:
-            group.add_argument(_flag(f.name), type=_parse_json_arg, default=argparse.SUPPRESS,
-                               metavar="JSON|FILE", help=help_text)
-        else:
-            group.add_argument(_flag(f.name), type=_parse_optional(base) if optional else base,
-                               default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
-
-
-def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
-    data = dict(base or {})
-    for f in dataclasses.fields(cls):
-        if hasattr(args, f.name) and not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]):
-            data[f.name] = getattr(args, f.name)
-    return from_dict(cls, data, source="command line")
+class CLIError(CaptionerError):
+    """A usage error found by the CLI: printed as one line, exit code 2."""
 
 
 # ------------------------------------------------------------------ commands
@@ -230,17 +163,18 @@ def _caption_sharded(args, decode) -> int:
 
 def cmd_bench(args) -> int:
     """Run eval/bench.py of the source checkout this package was installed from."""
-    import runpy
+    import importlib.util
 
     script = Path(__file__).resolve().parent.parent / "eval" / "bench.py"
     if not script.exists():
         raise CLIError(f"{script} not found: the benchmark ships with the source checkout (pip install -e .)")
-    sys.argv = [str(script), *args.bench_args]
+    spec = importlib.util.spec_from_file_location("captioner_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
+        return int(bench.main(list(args.bench_args), prog="captioner bench") or 0)
+    except SystemExit as e:  # its own argparse: --help, bad arguments
         return int(e.code or 0)
-    return EXIT_OK
 
 
 def cmd_merge(args) -> int:
@@ -270,108 +204,60 @@ def print_scores(corpus: dict, *, coco_exact: bool, skipped=(), columns: dict | 
         print(f"  note: {line}")
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _clip_scorer(args, captioner):
-    """CLIPScore model: --clip-score-model if given, else the captioner's own CLIP when it is a named
-    pretrained one; otherwise None with a note (a random or custom encoder has no trained text tower)."""
-    from captioner.scoring.clipscore import CLIPScorer
-
-    if args.no_clip_score:
-        return None, None
-    if args.clip_score_model:
-        pretrained = None if args.clip_score_pretrained.lower() in ("none", "null") else args.clip_score_pretrained
-        return CLIPScorer.from_open_clip(args.clip_score_model, pretrained, device=captioner.device), None
-    cfg = captioner.config
-    if cfg.clip_config is None and cfg.clip_pretrained:
-        return CLIPScorer.from_open_clip(cfg.clip_model, cfg.clip_pretrained, device=captioner.device), None
-    return None, ("CLIPScore skipped: the captioner's image encoder has no pretrained CLIP text tower; "
-                  "pass --clip-score-model NAME --clip-score-pretrained TAG")
-
-
 # TrainConfig fields that say how a caption set is read: `eval` takes the same flags (help text lives there).
 DATA_FIELDS = ("image_root", "image_column", "caption_column", "audio_column", "audio_root", "strict")
 
 
 def cmd_eval(args) -> int:
     from captioner.api import Captioner
+    from captioner.config import TrainConfig
     from captioner.data.sets import load_caption_set
-    from captioner.scoring.report import write_report
+    from captioner.scoring import evaluate as ev_lib
 
     decode = config_from_args(DecodeConfig, args)
     captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    from captioner.config import TrainConfig
-
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in DATA_FIELDS}
     examples, _ = load_caption_set(args.data, args.split, **{f: getattr(args, f, defaults[f]) for f in DATA_FIELDS})
     if args.limit:
         examples = examples[: args.limit]
-    with_audio = any(ex.audio for ex in examples)
-    scorer, note = _clip_scorer(args, captioner) if any(ex.image for ex in examples) else (None, None)
-    # Audio captioning reports SPIDEr = (CIDEr + SPICE) / 2: SPICE is tried whenever the set has sounds.
-    metrics = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", *(("SPICE",) if args.spice or with_audio else ()))
-    result = captioner.evaluate(examples, decode=decode, batch_size=args.batch_size, metrics=metrics,
-                                clip_scorer=scorer, modalities=args.modalities, num_workers=args.num_workers)
-    skipped = [*result.skipped, *([note] if note else [])]
+    scorer = "auto"
+    if args.no_clip_score:
+        scorer = None
+    elif args.clip_score_model and any(ex.image for ex in examples):
+        scorer, _ = ev_lib.clip_scorer_for(captioner, model=args.clip_score_model,
+                                           pretrained=args.clip_score_pretrained)
+    ev = ev_lib.evaluate_captioner(
+        captioner, examples, decode=decode, metrics=ev_lib.default_metrics(examples, spice=args.spice),
+        modalities=args.modalities, batch_size=args.batch_size, num_workers=args.num_workers, clip_scorer=scorer,
+        ablate=args.ablate, output_dir=args.output_dir, title=f"captioner eval: {args.data} [{args.split}]",
+        info={"model": args.model, "data": args.data, "split": args.split})
+    result = ev.result
+    skipped = [line + (" (--clip-score-model NAME --clip-score-pretrained TAG)" if line == ev_lib.NO_TEXT_TOWER
+                       else "") for line in ev.skipped]
     used = "+".join(args.modalities or captioner.model.modalities)
     print(f"{args.model} on {args.data} [{args.split}], {len(result.examples)} items, inputs: {used}:")
     print_scores(result.corpus, coco_exact=result.coco_exact, skipped=skipped)
-    if with_audio:
+    if any(ex.audio for ex in examples):
         from captioner.scoring.metrics import headline
 
         key, value = headline(result.corpus)
         print(f"  headline: {key} {value:.4f}" + ("" if key == "SPIDEr" else " (SPIDEr needs SPICE; see the note above)"))
-    ablation = _ablate(args, captioner, examples, decode, metrics, result) if args.ablate else None
-    if args.output_dir:
-        out = Path(args.output_dir)
-        _write_json(out / "scores.json", {"model": args.model, "data": args.data, "split": args.split,
-                                          "decode": dataclasses.asdict(decode), "corpus": result.corpus,
-                                          "coco_exact": result.coco_exact, "skipped": skipped,
-                                          "per_image": result.per_image,
-                                          **({"ablation": ablation} if ablation else {})})
-        _write_json(out / "predictions.json",
-                    [{"image_id": k, "caption": v} for k, v in result.predictions.items()])
-        items = [{"image": ex.image or "", "audio": ex.audio, "id": ex.image_id,
-                  "prediction": result.predictions[ex.image_id],
-                  "references": ex.captions, "scores": result.per_image[ex.image_id]} for ex in result.examples]
-        report = write_report(out / "report.html", items, title=f"captioner eval: {args.data} [{args.split}]",
-                              corpus=result.corpus)
-        print(f"wrote {out / 'scores.json'}, {out / 'predictions.json'} (COCO results format) and {report}")
+    if ev.ablation:
+        print("\nablation (same items, each input alone):")
+        print_scores(result.corpus, coco_exact=result.coco_exact, columns=ev.ablation)
+    if ev.files:
+        scores, predictions, report = ev.files
+        print(f"wrote {scores}, {predictions} (COCO results format) and {report}")
     return EXIT_OK
 
 
-def _ablate(args, captioner, examples, decode, metrics, full) -> dict[str, dict[str, float]]:
-    """--ablate: the same set captioned from each input alone, next to all inputs (what each input adds)."""
-    if len(captioner.model.modalities) < 2 or args.modalities:
-        raise CLIError("--ablate needs a captioner with two inputs and no --modalities")
-    columns = {"+".join(captioner.model.modalities): full.corpus}
-    for m in captioner.model.modalities:
-        only = [ex for ex in examples if m in ex.inputs]
-        columns[f"{m} only"] = captioner.evaluate(only, decode=decode, batch_size=args.batch_size, metrics=metrics,
-                                                  modalities=[m], num_workers=args.num_workers).corpus
-    print("\nablation (same items, each input alone):")
-    print_scores(full.corpus, coco_exact=full.coco_exact, columns=columns)
-    return columns
-
-
 def cmd_score(args) -> int:
-    from captioner.data.sets import load_references, match_prediction_ids, read_predictions
-    from captioner.scoring.metrics import score_captions
+    from captioner.scoring.evaluate import score_files
 
-    references = load_references(args.references, split=args.split)
-    predictions = match_prediction_ids(read_predictions(args.predictions), references, source=args.predictions)
-    metrics = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", *(("SPICE",) if args.spice else ()))
-    scores = score_captions(predictions, {k: references[k] for k in predictions}, metrics=metrics)
-    print(f"{args.predictions} against {args.references}, {len(predictions)} images:")
+    scores = score_files(args.predictions, args.references, split=args.split, spice=args.spice, output=args.output)
+    print(f"{args.predictions} against {args.references}, {len(scores.per_image)} images:")
     print_scores(scores.corpus, coco_exact=scores.coco_exact, skipped=scores.skipped)
     if args.output:
-        _write_json(Path(args.output), {"predictions": args.predictions, "references": args.references,
-                                        "corpus": scores.corpus, "coco_exact": scores.coco_exact,
-                                        "skipped": scores.skipped,
-                                        "per_image": {str(k): v for k, v in scores.per_image.items()}})
         print(f"wrote {args.output}")
     return EXIT_OK
 
@@ -438,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="captioner",
         description="Image and audio captioning: frozen CLIP (and CLAP/Whisper) encoders -> trainable prefix "
                     "mappers -> causal LM (GPT-2).",
-        epilog="Run 'captioner COMMAND --help' for the options of each command.",
+        epilog=f"Run 'captioner COMMAND --help' for the options of each command. {EXIT_CODES}",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -480,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "member per key to DIR/wds")
     add_captioning_flags(p, cmd_caption)
 
-    p = sub.add_parser("bench", help="speed benchmark (eval/bench.py): decoding vs ClipCap's way and HF generate",
+    p = sub.add_parser("bench", add_help=False, help="speed benchmark (eval/bench.py): decoding vs ClipCap's way and HF generate",
                        description="Runs eval/bench.py from the source checkout; arguments after 'bench' go to it "
-                                   "(e.g. captioner bench --batch-sizes 1,32 --skip-train).")
+                                   "(e.g. captioner bench --batch-sizes 1,32 --skip-train; --help: its options).")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for eval/bench.py")
     p.set_defaults(func=cmd_bench)
 
@@ -558,18 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from captioner.model.checkpoint import CheckpointError
-    from captioner.data.sets import DataError, ImageError
-    from captioner.model.encoders import ModelLoadError
-    from captioner.scoring.metrics import MetricsError
-    from captioner.model.model import ModalityError
-    from captioner.shards.sources import SourceError
-    from captioner.errors import TrainingError
-    from captioner.errors import CaptionerError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "bench":  # everything after the command word is eval/bench.py's, verbatim
+        args.bench_args = argv[next(i for i, a in enumerate(argv) if a == "bench") + 1:]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args._argv = argv
     # Our progress messages at INFO; libraries (accelerate, transformers) only when they warn.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -577,7 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("captioner").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except (CLIError, ConfigError, CheckpointError, DataError, ImageError, ModelLoadError, MetricsError,
-            SourceError, ModalityError, TrainingError, CaptionerError) as e:
+    except CaptionerError as e:
         print(f"captioner {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_code
+    except OSError as e:  # missing folder, permission, disk full: one line, not a traceback
+        print(f"captioner {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return EXIT_OS
+
+
+def os_error_line(e: OSError) -> str:
+    """"PATH: REASON" for an OSError (the library's own messages as they are)."""
+    if e.filename is None or e.strerror is None:
+        return " ".join(str(e).split()) or type(e).__name__
+    name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes, os.PathLike)) else str(e.filename)
+    path = name if e.filename2 is None else f"{name} -> {os.fsdecode(e.filename2)}"
+    return f"{path}: {e.strerror}"

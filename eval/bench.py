@@ -149,9 +149,10 @@ def bench_folder(cap: Captioner, work: Path, *, images: int, batch: int, device:
             "precision": precision, "workers": workers, "compile": compile}
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, prog: str | None = None) -> int:
+    """The benchmark with command-line arguments `argv` (default: sys.argv[1:]); `captioner bench` calls it."""
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", default="1,32,256" if gpu else "1,32")
     p.add_argument("--precisions", default="fp32,bf16" if gpu else "fp32")
     p.add_argument("--ref-images", type=int, default=32 if gpu else 2,

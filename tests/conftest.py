@@ -52,3 +52,11 @@ def tiny_train_argv(data, root, examples, *, epochs: int, batch_size: int, extra
             "--batch-size", str(batch_size), "--lr", "2e-3", "--clip-config", json.dumps(TINY_CLIP),
             "--clip-pretrained", "none", "--lm-config", json.dumps(tiny_gpt2(len(tok))),
             "--tokenizer", str(root / "tokenizer"), "--finetune-lm", "--prefix-length", "4", *extra]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_hub_probe():
+    """hub_reachable caches its network answer per process: every test starts without one (no order dependence)."""
+    from captioner import hub
+
+    hub.reset_hub_probe()

@@ -104,3 +104,104 @@ def test_corrupted_weights_unknown_keys_and_versions_are_errors(make_captioner, 
         Captioner.from_pretrained(d)
     with pytest.raises(CheckpointError, match="not a directory"):
         Captioner.from_pretrained(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------ tampered directories: one CheckpointError line
+
+
+def test_config_json_of_the_wrong_type_is_one_line(make_captioner, tmp_path):
+    d = _saved(make_captioner, tmp_path)
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json: not a captioner config \(a JSON list"):
+        Captioner.from_pretrained(d)
+
+
+@pytest.mark.parametrize("garbage", ['{"version": "1.0", "model": {"type": "BPE"}}', '{"model": 3}', "not json"])
+def test_garbage_tokenizer_json_is_one_line(make_captioner, tmp_path, garbage):
+    d = _saved(make_captioner, tmp_path)
+    (d / "tokenizer.json").write_text(garbage)
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: ") as e:
+        Captioner.from_pretrained(d)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_top_level_config_key_is_an_error_and_extras_round_trip(make_captioner, tmp_path):
+    cap = make_captioner()
+    d = cap.save_pretrained(tmp_path / "m", step=7, epoch=1, note="kept")
+    meta = json.loads((d / "config.json").read_text())
+    assert meta["step"] == 7 and meta["epoch"] == 1 and meta["extra"] == {"note": "kept"}
+    Captioner.from_pretrained(d)  # what save_pretrained writes loads
+    (d / "config.json").write_text(json.dumps({**meta, "prefix_length": 3}))  # misplaced: belongs under "model"
+    with pytest.raises(CheckpointError, match=r"config\.json: unknown top-level key\(s\) 'prefix_length'"):
+        Captioner.from_pretrained(d)
+
+
+def test_nan_weights_are_refused(make_captioner, tmp_path):
+    d = _saved(make_captioner, tmp_path)
+    state = load_file(str(d / "model.safetensors"))
+    name = sorted(k for k in state if k.startswith("mappers.image.") and state[k].is_floating_point())[0]
+    state[name][..., 0] = float("nan")
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor\(s\) with NaN or infinite values: "
+                                              + name.replace(".", r"\.")):
+        Captioner.from_pretrained(d)
+
+
+def _no_stdin(monkeypatch):
+    """transformers asks on stdin before running shipped code: make any such question fail the test."""
+    def refuse(*a, **k):
+        raise AssertionError("asked on stdin whether to run code")
+    monkeypatch.setattr("builtins.input", refuse)
+
+
+EVIL = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
+
+
+def test_model_dir_asking_to_run_code_is_refused(make_captioner, tmp_path, monkeypatch):
+    _no_stdin(monkeypatch)
+    d = _saved(make_captioner, tmp_path)
+    marker = tmp_path / "ran.txt"
+    (d / "evil.py").write_text(EVIL.format(marker=str(marker)) + "class EvilTokenizer: pass\n")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: asks to run custom code .*auto_map"):
+        Captioner.from_pretrained(d)
+    assert not marker.exists()
+
+
+def test_lm_dir_asking_to_run_code_is_refused(tmp_path, monkeypatch):
+    from captioner.model.encoders import ModelLoadError, build_lm
+
+    _no_stdin(monkeypatch)
+    lm_dir = tmp_path / "lm"
+    lm_dir.mkdir()
+    # a model type transformers does not know: only the shipped code could build it
+    cfg = {"model_type": "evil_lm", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilLM"}}
+    (lm_dir / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "ran.txt"
+    (lm_dir / "evil.py").write_text(EVIL.format(marker=str(marker)))
+    with pytest.raises(ModelLoadError, match=r"config\.json: asks to run custom code"):
+        build_lm(ModelConfig(lm=str(lm_dir)))
+    assert not marker.exists()
+
+
+def test_hub_loads_never_trust_remote_code(monkeypatch):
+    from captioner import hub
+
+    seen = {}
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: True)
+    hub.call_hub(lambda name, **kw: seen.update(kw), "LM", "some/hub-id")
+    assert seen["trust_remote_code"] is False
+
+
+def test_garbage_tokenizer_directory_for_training_is_one_line(tmp_path):
+    from captioner.model.encoders import ModelLoadError, build_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_text('{"model": 3}')
+    (tok_dir / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    with pytest.raises(ModelLoadError, match="could not load tokenizer from local directory") as e:
+        build_tokenizer(ModelConfig(tokenizer=str(tok_dir)))
+    assert "\n" not in str(e.value) and "Offline" not in str(e.value)

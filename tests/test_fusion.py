@@ -122,7 +122,7 @@ def test_caption_api_image_audio_and_both(both, files):
 
 def test_image_only_model_refuses_audio(make_captioner, files):
     cap = make_captioner()
-    with pytest.raises(ModalityError, match="trained on image only.*cannot use audio.*--modalities image,audio"):
+    with pytest.raises(ModalityError, match="trained on image only.*cannot use audio.*modalities image,audio"):
         cap.caption(files[0][0], audio=files[0][1])
     with pytest.raises(ModalityError, match="audio"):
         cap.caption(audio=files[0][1])

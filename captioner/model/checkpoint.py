@@ -3,28 +3,30 @@
 Only parts that cannot be re-fetched by name are saved: always the mappers (one per modality) and the
 modality embeddings; the image encoder when it has no pretrained tag (random/custom init); the audio
 encoder when it is built from an inline config; the LM when it is fine-tuned or built from an inline
-config. Loading is strict: missing, unexpected or mis-shaped tensors are an error, never a partial load.
-Files are written atomically (temp file, fsync, rename), config.json last.
+config. Loading is strict: missing, unexpected, mis-shaped or non-finite tensors, unknown config keys and configs
+asking to run code shipped with the directory are each one `CheckpointError` line naming the file, never
+a partial load. Files are written atomically (temp file, fsync, rename), config.json last.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from captioner.errors import CheckpointError  # noqa: F401  (defined in errors.py)
 from captioner.config import ConfigError, ModelConfig, from_dict, load_json, to_dict
+from captioner.files import atomic_write
+from captioner.hub import refuse_remote_code
 
 FORMAT = "captioner"
 FORMAT_VERSION = 2  # 2: per-modality encoders/mappers (1: image only, "mapper.*" keys)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
+# Top-level keys of config.json besides "model": training writes step and epoch; other extras of
+# save_pretrained go under "extra", so a misplaced or misspelt key is an error, not silently ignored.
+META_KEYS = ("format", "format_version", "model", "step", "epoch", "extra")
 
 def saved_parts(config: ModelConfig) -> tuple[str, ...]:
     """State-dict prefixes saved with a captioner of this config."""
@@ -70,20 +72,6 @@ def resolved_config(model) -> ModelConfig:
     return config
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model, tokenizer, directory: str | Path, *, extra: dict | None = None) -> Path:
     from safetensors.torch import save
 
@@ -92,9 +80,13 @@ def save_pretrained(model, tokenizer, directory: str | Path, *, extra: dict | No
     config = resolved_config(model)
     state = {k: v.detach().contiguous().cpu() for k, v in part_state(model, saved_parts(config)).items()}
     tokenizer.save_pretrained(directory)
-    _atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(save(state)))
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(config), **(extra or {})}
-    _atomic_write(directory / CONFIG_NAME, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+    atomic_write(directory / WEIGHTS_NAME, save(state))
+    extra = dict(extra or {})
+    top = {k: extra.pop(k) for k in META_KEYS if k in extra and k not in ("format", "format_version", "model")}
+    if "extra" in top or extra:
+        top["extra"] = {**(top.get("extra") or {}), **extra}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(config), **top}
+    atomic_write(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return directory
 
 
@@ -107,16 +99,24 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{path}: missing; {directory} is not a saved captioner (or it is incomplete)")
     try:
         meta = load_json(path)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: not a captioner config (a JSON {type(meta).__name__}, not an object)")
+        if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path}: not a captioner config (format={meta.get('format')!r})")
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(
                 f"{path}: format_version {meta.get('format_version')!r} is not supported "
                 f"(this captioner reads version {FORMAT_VERSION})"
             )
-        return from_dict(ModelConfig, meta.get("model"), source=str(path)), meta
+        unknown = sorted(set(meta) - set(META_KEYS))
+        if unknown:
+            raise CheckpointError(f"{path}: unknown top-level key(s) {', '.join(map(repr, unknown))} (expected "
+                                  f"{', '.join(META_KEYS)}; model settings go under \"model\")")
+        config = from_dict(ModelConfig, meta.get("model"), source=f"{path}: model")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    refuse_remote_code(directory, error=CheckpointError)
+    return config, meta
 
 
 def load_weights(model, directory: str | Path) -> None:
@@ -142,6 +142,10 @@ def load_weights(model, directory: str | Path) -> None:
         problems = [f"{label} {show(xs)}" for label, xs in
                     (("missing:", missing), ("unexpected:", unexpected), ("shape mismatch:", shapes)) if xs]
         raise CheckpointError(f"{path} does not match its config.json: " + "; ".join(problems))
+    bad = [k for k in sorted(state) if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if bad:  # NaN/inf weights caption garbage without any other sign
+        raise CheckpointError(f"{path}: tensor(s) with NaN or infinite values: {', '.join(bad[:5])}"
+                              + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(state[name])

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from captioner.errors import ModelLoadError  # noqa: F401  (defined in errors.py)
+from captioner.errors import CheckpointError, ModelLoadError  # noqa: F401  (ModelLoadError re-exported)
 from captioner.config import ConfigError, ModelConfig, load_json
 from captioner import hub
 from captioner.hub import OFFLINE_HINT, call_hub, is_local  # noqa: F401  (re-exported)
@@ -120,7 +120,7 @@ def create_open_clip(model_name: str, pretrained: str | None, *, needs_hub: bool
         needs_hub = bool(pretrained) and not os.path.exists(pretrained)
     offline = needs_hub and not hub.hub_reachable()
     try:
-        with hub.hub_offline() if offline else contextlib.nullcontext():
+        with hub.hub_offline() if offline else contextlib.nullcontext(), hub.no_remote_code():
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for unknown or unreachable weights
         why = "the hub is unreachable and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
@@ -157,7 +157,7 @@ def build_lm(config: ModelConfig, *, load_weights: bool = True) -> nn.Module:
             lm_cfg = AutoConfig.for_model(model_type, **d)
         else:
             lm_cfg = call_hub(AutoConfig.from_pretrained, "LM config", config.lm)
-        lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
+        lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa", trust_remote_code=False)
     else:
         lm = call_hub(AutoModelForCausalLM.from_pretrained, "LM", config.lm, attn_implementation="sdpa")
     return lm
@@ -168,7 +168,15 @@ def build_tokenizer(config: ModelConfig, directory: str | Path | None = None):
     from transformers import AutoTokenizer
 
     name = str(directory) if directory is not None else (config.tokenizer or config.lm)
-    tok = call_hub(AutoTokenizer.from_pretrained, "tokenizer", name)
+    if directory is None:
+        tok = call_hub(AutoTokenizer.from_pretrained, "tokenizer", name)
+    else:  # a saved captioner: its tokenizer files are ours, so anything wrong with them is a checkpoint error
+        files = [p for p in ("tokenizer.json", "tokenizer_config.json") if (Path(directory) / p).exists()]
+        where = Path(directory) / (files[0] if files else "tokenizer.json")
+        try:
+            tok = call_hub(AutoTokenizer.from_pretrained, "tokenizer", name)
+        except ModelLoadError as e:
+            raise CheckpointError(f"{where}: unreadable tokenizer ({e})") from None
     if tok.eos_token_id is None:
         raise ModelLoadError(f"tokenizer {name!r} has no EOS token; captions need one to end")
     return tok

@@ -102,7 +102,7 @@ class CaptionModel(nn.Module):
         if extra:
             raise ModalityError(
                 f"this captioner was trained on {' + '.join(self.modalities)} only; it cannot use "
-                f"{' or '.join(extra)} input (train one with --modalities "
+                f"{' or '.join(extra)} input (train one with modalities "
                 f"{','.join(m for m in MODALITIES if m in {*self.modalities, *extra})})")
         if not given:
             raise ModalityError(f"no input given: this captioner takes {' and/or '.join(self.modalities)}")

@@ -47,7 +47,7 @@ DEFAULT_WEIGHT = 2.5
 DEFAULT_PROMPT = "A photo depicts "
 
 SCORER_OFFLINE_HINT = (
-    "Offline, pass a local open_clip checkpoint file as pretrained (--clip-score-pretrained) with a built-in "
+    "Offline, pass a local open_clip checkpoint file as pretrained (clip_score_pretrained) with a built-in "
     "model name or an inline clip_config, or load the model once on a machine with internet so it is in "
     "the Hugging Face cache."
 )

@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image, ImageOps
 
+from captioner.files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["write_report"]
@@ -351,6 +353,6 @@ def write_report(
     )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(document, encoding="utf-8")
+    atomic_write(out, document)  # whole or not at all: a kill never leaves half a report
     logger.info("wrote report with %d items to %s", len(rows_data), out)
     return out
