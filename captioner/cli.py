@@ -132,7 +132,7 @@ def cmd_caption(args) -> int:
     if args.table:
         if args.images or args.audio:
             raise CLIError("give inputs either as a --table or as images/--audio, not both")
-        from captioner.data.sets import read_input_table
+        from captioner.data import read_input_table
 
         items, failures = read_input_table(args.table)
     elif not args.images and not args.audio:
@@ -198,7 +198,7 @@ def _caption_inputs(images: list[str], audio: list[str] | None) -> tuple[list[di
     """Expand image and audio inputs into items {"image": path, "audio": path} (either or both) and the
     inputs that matched nothing. With both, the expanded lists pair in order
     (folders in sorted order), so their counts must match."""
-    from captioner.data.sets import collect_audio, collect_images
+    from captioner.data import collect_audio, collect_images
 
     image_paths, failures = collect_images(images) if images else ([], [])
     audio_paths, audio_failures = collect_audio(audio) if audio else ([], [])
@@ -312,7 +312,7 @@ DATA_FIELDS = ("image_root", "image_column", "caption_column", "audio_column", "
 
 def cmd_eval(args) -> int:
     from captioner.api import Captioner
-    from captioner.data.sets import load_caption_set
+    from captioner.data import load_caption_set
     from captioner.scoring.report import write_report
 
     decode = config_from_args(DecodeConfig, args)
@@ -372,7 +372,7 @@ def _ablate(args, captioner, examples, decode, metrics, full) -> dict[str, dict[
 
 
 def cmd_score(args) -> int:
-    from captioner.data.sets import load_references, match_prediction_ids, read_predictions
+    from captioner.data import load_references, match_prediction_ids, read_predictions
     from captioner.scoring.metrics import score_captions
 
     references = load_references(args.references, split=args.split)
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from captioner.model.checkpoint import CheckpointError
-    from captioner.data.sets import DataError, ImageError
+    from captioner.data import DataError, ImageError
     from captioner.model.encoders import ModelLoadError
     from captioner.scoring.metrics import MetricsError
     from captioner.model.model import ModalityError

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from captioner.data.sets import DataError
+from captioner.data import DataError
 
 
 def _complete_lines(path: Path) -> bytes:

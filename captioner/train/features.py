@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from captioner.data.sets import load_image
+from captioner.data import load_image
 
 logger = logging.getLogger(__name__)
 

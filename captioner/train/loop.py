@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from captioner.api import Captioner
 from captioner.config import ConfigError, DecodeConfig, TrainConfig, save_json
-from captioner.data.sets import CaptionExample, load_caption_set, load_image
+from captioner.data import CaptionExample, load_caption_set, load_image
 from captioner.model.tokens import pad_id
 
 logger = logging.getLogger(__name__)
