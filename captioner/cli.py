@@ -307,7 +307,8 @@ def _clip_scorer(args, captioner):
 
 
 # TrainConfig fields that say how a caption set is read: `eval` takes the same flags (help text lives there).
-DATA_FIELDS = ("image_root", "image_column", "caption_column", "audio_column", "audio_root", "strict")
+DATA_FIELDS = ("image_root", "image_column", "caption_column", "audio_column", "audio_root", "strict",
+               "allow_outside_paths")
 
 
 def cmd_eval(args) -> int:
@@ -466,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", nargs="+", metavar="AUDIO",
                    help="sound files (wav, flac, ogg, mp3, ...), folders or globs, for a captioner trained with "
                         "audio; with images too, the i-th sound goes with the i-th image")
-    p.add_argument("--table", help="a CSV/TSV/JSONL table of inputs: an image column (image or file_name), an "
-                                   "audio column (audio or audio_file), or both; paths relative to the table")
+    p.add_argument("--table", help="a CSV/TSV/JSONL table of inputs: an image column (image, file_name, path, "
+                                   "...: the names every table takes), an audio column (audio, audio_file or "
+                                   "audio_path), or both; paths relative to the table")
     p.add_argument("--output", "-o", help="write results to this file (.jsonl or .csv) instead of stdout")
     p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: from the file extension)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the results already "

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from captioner.shards import sources
+from captioner.shards import tar as shard_tar
 from captioner.shards.sources import (CsvShard, FileShard, Item, ParquetShard, SourceError, TarShard, expand_shards,
                                split_tar_member_name, write_tar_with_captions)
 
@@ -425,7 +425,7 @@ def test_write_back_only_for_tar_shards_and_keeps_old_file_on_failure(tmp_path, 
         raise RuntimeError("disk full")
         yield  # pragma: no cover
 
-    monkeypatch.setattr(sources, "_iter_tar_samples", boom)
+    monkeypatch.setattr(shard_tar, "_iter_tar_samples", boom)
     with pytest.raises(RuntimeError):
         write_tar_with_captions(shard, {"k1": "c"}, out)
     assert out.read_bytes() == b"previous" and sorted(os.listdir(tmp_path)) == ["in.tar", "o.tar", "x.jpg"]

@@ -54,4 +54,4 @@ def caption_keys(present: Iterable[str], candidates: Sequence[str]) -> list[str]
     first candidate there (none: [])."""
     present = set(present)
     found = [c for c in candidates if c in present]
-    return [c for c in found if c in MERGED_CAPTION_COLUMNS] or found[:1]
+    return [c for c in MERGED_CAPTION_COLUMNS if c in found] or found[:1]

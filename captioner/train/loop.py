@@ -341,7 +341,8 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
     def read(split):
         examples = load_caption_set(config.data, split, strict=config.strict, image_root=config.image_root,
                                     image_column=config.image_column, caption_column=config.caption_column,
-                                    audio_root=config.audio_root, audio_column=config.audio_column)[0]
+                                    audio_root=config.audio_root, audio_column=config.audio_column,
+                                    allow_outside_paths=config.allow_outside_paths)[0]
         return usable_examples(examples, config.model.modalities, f"{config.data} ({split})")
 
     train_ex = read(config.train_split)
