@@ -1,5 +1,6 @@
 """One rule per concept: a CSV with each accepted image-column name works in every command that reads a
-table (caption --table, caption --output-dir, train/eval --data, score), through the CLI in-process."""
+table (caption --table, caption --output-dir, train/eval --data, score): every name through the readers
+those commands call, and names that used to be refused through the CLI in-process."""
 
 import json
 
@@ -7,8 +8,10 @@ import pytest
 from PIL import Image
 
 from captioner.cli import main
-from captioner.data import load_caption_set
+from captioner.data import (load_caption_set, load_references, match_prediction_ids, read_input_table,
+                            read_predictions)
 from captioner.data.columns import IMAGE_COLUMNS
+from captioner.shards.sources import expand_shards
 from conftest import tiny_train_argv
 
 
@@ -35,22 +38,34 @@ def _table(folder, column):
 
 
 @pytest.mark.parametrize("column", IMAGE_COLUMNS)
-def test_each_image_column_name_works_in_every_command(column, model_dir, tmp_path, capsys):
+def test_each_image_column_name_works_in_every_table_reader(column, tmp_path):
+    # the readers behind caption --table, caption --output-dir, train/eval --data and score
+    table = _table(tmp_path, column)
+    images = [str(tmp_path / "pics" / n) for n in ("a.png", "b.png")]
+    items, problems = read_input_table(table)
+    assert [it["image"] for it in items] == images and not problems
+    (shard,) = expand_shards([str(table)])
+    assert [item.path for item in shard] == images
+    examples, _ = load_caption_set(table, None)
+    assert [(e.image_id, e.image) for e in examples] == [("pics/a.png", images[0]), ("pics/b.png", images[1])]
+    predictions = tmp_path / "p.csv"
+    predictions.write_text(f"{column},caption\n{images[0]},a red square\npics/b.png,a square\n")
+    references = load_references(table)
+    assert match_prediction_ids(read_predictions(predictions), references) == {"pics/a.png": "a red square",
+                                                                               "pics/b.png": "a square"}
+
+
+@pytest.mark.parametrize("column", ["path", "filepath"])  # names `caption --table` and `score` used to refuse
+def test_image_column_names_through_the_cli(column, model_dir, tmp_path, capsys):
     table = _table(tmp_path, column)
     model = ["--model", str(model_dir), "--max-new-tokens", "4", "--strategy", "greedy"]
-    # caption --table: one result row per image
     out = tmp_path / "out.jsonl"
     assert main(["caption", "--table", str(table), "--output", str(out), *model]) == 0
     rows = [json.loads(line) for line in out.read_text().split("\n") if line]
     assert sorted(r["image"] for r in rows) == [str(tmp_path / "pics" / n) for n in ("a.png", "b.png")]
-    # caption --output-dir: the CSV is one shard
     shards = tmp_path / "sharded"
     assert main(["caption", str(table), "--output-dir", str(shards), *model]) == 0
-    merged = [json.loads(line) for line in (shards / "captions.jsonl").read_text().split("\n") if line]
-    assert len(merged) == 2
-    # eval --data and score: the table is a caption set and a reference file
-    examples, _ = load_caption_set(table, None)
-    assert [e.image_id for e in examples] == ["pics/a.png", "pics/b.png"]
+    assert len([line for line in (shards / "captions.jsonl").read_text().split("\n") if line]) == 2
     assert main(["eval", "--data", str(table), "--split", "t", "--no-clip-score", *model]) == 0
     predictions = tmp_path / "p.csv"
     predictions.write_text(f"{column},caption\npics/a.png,a red square\npics/b.png,a square\n")
