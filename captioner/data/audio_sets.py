@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import re
 from pathlib import Path
 from typing import Callable, Sequence
 
 from captioner.data.examples import (CaptionExample, ReadReport, Reporter, check_file, clean_captions, finish,
-                                     is_utf8)
+                                     is_utf8, raise_bad)
 from captioner.data.folders import collect_audio
 from captioner.data.tables import read_table
 from captioner.errors import DataError
@@ -132,19 +131,13 @@ def _audiocaps_stems(audiocap_ids: Sequence[str], youtube_id: str, start: str) -
 
 def audio_csv_reader(path: Path) -> Callable[..., tuple[list[CaptionExample], ReadReport]] | None:
     """`read_clotho` or `read_audiocaps` for a .csv whose header is theirs, else None (a generic table).
-    Only the first line is read: a caption set may be large."""
+    Only the header row is read: a caption set may be large."""
     if path.suffix.lower() != ".csv" or not path.is_file():
         return None
     try:
-        with open(path, "rb") as f:
-            first = f.readline(65536)
-    except OSError:
+        header = set(read_table(path, raise_bad, "a CSV", fmt="csv", max_bytes=None).header)
+    except DataError:
         return None  # the reader that opens it next names the reason
-    text = first.decode("utf-8", errors="replace").removeprefix("\ufeff").rstrip("\r\n")
-    try:
-        header = {h.strip() for h in next(csv.reader([text]), [])}
-    except csv.Error:
-        return None
     if {"file_name", "caption_1"} <= header:
         return read_clotho
     if {"youtube_id", "caption"} <= header:

@@ -1,3 +1,4 @@
-"""Large collections: input specs -> shards (sources.py: WebDataset tars, parquet/CSV tables, groups of
-loose files), sharded, distributed, resumable captioning and merge (run.py), result files (outputs.py).
+"""Large collections: input specs -> shards (sources.py: expansion, parquet/CSV tables, groups of loose
+files; tar.py: WebDataset tars; items.py: Shard and Item), sharded, distributed, resumable captioning and
+merge (run.py), result files (outputs.py).
 """
