@@ -97,3 +97,16 @@ def test_long_names_are_refused_fast_with_a_short_message(tmp_path):
     with pytest.raises(DataError) as e:
         read_caption_table(tmp_path / "t.jsonl", strict=True)
     assert len(str(e.value)) < 300 + len(str(tmp_path))
+
+
+def test_long_prediction_ids_are_matched_fast_and_cut_in_messages():
+    from captioner.data import match_prediction_ids
+
+    long_id = "d/" * 200_000 + "x.png"
+    start = time.monotonic()
+    with pytest.raises(DataError) as e:
+        match_prediction_ids({long_id: "a caption", "test/1.png": "b"}, {"test/1": ["b"], "test/2": ["c"]})
+    assert time.monotonic() - start < 2
+    assert "not in the references" in str(e.value) and len(str(e.value)) < 400
+    path_id = "/data/" + "e/" * 1000 + "test/1.png"  # a long path whose tail names a reference: still matched
+    assert match_prediction_ids({path_id: "b"}, {"test/1": ["b"]}) == {"test/1": "b"}

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 from captioner.data.caption_tables import table_keys
 from captioner.data.columns import AUDIO_COLUMNS, IMAGE_COLUMNS, PREDICTION_ID_COLUMNS, first_present
-from captioner.data.examples import ReadReport, Reporter, clean_caption, is_id, is_utf8, raise_bad, short
+from captioner.data.examples import MAX_NAME_CHARS, MAX_PATH_BYTES, ReadReport, Reporter, clean_caption, is_id, is_utf8, raise_bad, short
 from captioner.data.tables import TABLE_SUFFIXES, head, load_json, read_table
 from captioner.errors import DataError
 
@@ -87,12 +87,14 @@ def match_prediction_ids(predictions: dict[str, str], references: dict[str, list
     out: dict[str, str] = {}
     origin: dict[str, str] = {}
     unknown, duplicates = [], []
+    # no reference id has more components than this: longer tails are not tried (linear in the id's length)
+    depth = max((k.count("/") + 1 for k in references), default=1)
     for pid, caption in predictions.items():
         key = pid if pid in references else None
-        if key is None:
+        if key is None and len(pid) <= MAX_PATH_BYTES:
             p = PurePath(pid)
             for parts in (p.parts, p.with_suffix("").parts if p.suffix else ()):
-                key = next(("/".join(parts[-n:]) for n in range(len(parts), 0, -1)
+                key = next(("/".join(parts[-n:]) for n in range(min(len(parts), depth), 0, -1)
                             if "/".join(parts[-n:]) in references), None)
                 if key is not None:
                     break
@@ -104,7 +106,8 @@ def match_prediction_ids(predictions: dict[str, str], references: dict[str, list
             out[key], origin[key] = caption, pid
 
     def show(items):
-        return ", ".join(map(str, items[:5])) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+        cut = [s if len(s) <= MAX_NAME_CHARS else s[:MAX_NAME_CHARS] + "..." for s in map(str, items[:5])]
+        return ", ".join(cut) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
     if unknown:
         raise DataError(f"{source}: {len(unknown)} prediction id(s) not in the references: {show(unknown)}")
     if duplicates:
