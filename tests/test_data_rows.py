@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from captioner.data import (MAX_PATH_BYTES, DataError, load_caption_set, load_references, read_caption_table,
-                            read_imagefolder, read_predictions)
+                            read_imagefolder, read_input_table, read_predictions)
 
 
 def _images(folder, *names):
@@ -97,6 +97,8 @@ def test_long_names_are_refused_fast_with_a_short_message(tmp_path):
     with pytest.raises(DataError) as e:
         read_caption_table(tmp_path / "t.jsonl", strict=True)
     assert len(str(e.value)) < 300 + len(str(tmp_path))
+    items, problems = read_input_table(tmp_path / "t.jsonl")  # `caption --table`
+    assert items == [{"image": str(tmp_path / "ok.png")}] and len(problems[0]) < 300 + len(str(tmp_path))
 
 
 def test_long_prediction_ids_are_matched_fast_and_cut_in_messages():

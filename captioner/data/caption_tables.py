@@ -52,7 +52,7 @@ def _table_rows(path: Path, image_columns: Sequence[str], audio_columns: Sequenc
             yield (where, row, *table_keys(row, image_columns, audio_columns, caption_columns))
         return
     header = table.header
-    image_key, audio_key, caption_key = table_keys(header, image_columns, audio_columns, caption_columns)
+    image_key, audio_key, captions_at = table_keys(header, image_columns, audio_columns, caption_columns)
     has = f"the header has {', '.join(map(short, header))}"
     if audio_key is None and len(audio_columns) == 1:
         raise DataError(f"{table.where()}: no audio column {audio_columns[0]!r} ({has})")
@@ -60,11 +60,11 @@ def _table_rows(path: Path, image_columns: Sequence[str], audio_columns: Sequenc
         nor = f"; nor an audio column: {', '.join(map(repr, audio_columns))}" if audio_columns else ""
         raise DataError(f"{table.where()}: no image column (looked for "
                         f"{', '.join(map(repr, image_columns))}{nor}; {has})")
-    if not caption_key:
+    if not captions_at:
         raise DataError(f"{table.where()}: no caption column (looked for "
                         f"{', '.join(map(repr, caption_columns))}; {has})")
     for where, row in table.rows:
-        yield where, row, image_key, audio_key, caption_key
+        yield where, row, image_key, audio_key, captions_at
 
 
 def read_rows(path: Path, *, image_columns: Sequence[str], caption_columns: Sequence[str],
@@ -80,21 +80,22 @@ def read_rows(path: Path, *, image_columns: Sequence[str], caption_columns: Sequ
     examples: list[CaptionExample] = []
     by_id: dict[str, tuple[str, CaptionExample]] = {}  # id -> (where first seen, example)
     merged_columns = False
-    for where, row, image_key, audio_key, caption_key in _table_rows(path, image_columns, audio_columns,
-                                                                     caption_columns, bad):
+    for where, row, image_key, audio_key, captions_at in _table_rows(path, image_columns, audio_columns,
+                                                                      caption_columns, bad):
         cells = row_inputs(row, image_key, audio_key)
         if not cells:  # (an empty cell counts as no field where audio may stand in for the image)
             audio = f" or an audio field ({' or '.join(map(repr, audio_columns))})" if audio_columns else ""
             bad(where, f"row needs an image field ({' or '.join(map(repr, image_columns))}){audio}")
             continue
-        if not caption_key:
+        if not captions_at:
             bad(where, f"row needs a caption field ({' or '.join(map(repr, caption_columns))})")
             continue
-        if len(caption_key) > 1 and not merged_columns:
-            merged_columns = True
-            bad.note(where, f"rows have both {' and '.join(map(repr, caption_key))}: the captions of both are used")
-        value = [c for k in caption_key for c in ([row[k]] if not isinstance(row[k], list) else row[k])] \
-            if len(caption_key) > 1 else row[caption_key[0]]
+        value = row[captions_at[0]]
+        if len(captions_at) > 1:  # 'caption' and 'captions': one concept, both read
+            value = [c for k in captions_at for c in (row[k] if isinstance(row[k], list) else [row[k]])]
+            if not merged_columns:
+                merged_columns = True
+                bad.note(where, f"rows have both {' and '.join(map(repr, captions_at))}: the captions of both are used")
         caps, reason = clean_captions(value, note=lambda what: bad.note(where, what))
         paths: dict[str, str] = {}
         for modality, name in cells.items():

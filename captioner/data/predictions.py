@@ -133,12 +133,16 @@ def read_input_table(path: str | Path) -> tuple[list[dict[str, str]], list[str]]
     items = []
     for where, row in table.rows:
         image_key, audio_key, _ = keys or table_keys(row, IMAGE_COLUMNS, AUDIO_COLUMNS)
-        item = {}
+        item, too_long = {}, None
         for modality, column in (("image", image_key), ("audio", audio_key)):
             value = row.get(column) if column is not None else None
             if isinstance(value, str) and value.strip():
+                if len(value.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+                    too_long = f"{modality} path {short(value)} is longer than {MAX_PATH_BYTES} bytes"
                 item[modality] = str(path.parent / value.strip())
-        if item:
+        if too_long:
+            bad(where, too_long)
+        elif item:
             items.append(item)
         else:
             bad(where, f"row has no input (columns: {', '.join((*IMAGE_COLUMNS, *AUDIO_COLUMNS))})")
