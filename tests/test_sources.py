@@ -434,3 +434,19 @@ def test_write_back_only_for_tar_shards_and_keeps_old_file_on_failure(tmp_path, 
 def test_item_defaults():
     item = Item(key="k", source="s", data=b"x", path=None)
     assert item.ok and item.extra == {} and Item(key="k", source="s", data=None, path=None, error="e").ok is False
+
+
+def test_csv_shards_read_by_the_one_table_reader(tmp_path):
+    # every image-path column name of captioner.data.columns; bad rows become error items with their line
+    (tmp_path / "a.jpg").write_bytes(image_bytes())
+    long_name = "d/" * 3000 + "x.jpg"
+    (tmp_path / "t.csv").write_text(f"img,caption\na.jpg,x\n{long_name},long\n\"a.jpg\",too,many\n\n")
+    (shard,) = expand_shards([str(tmp_path / "t.csv")])
+    assert shard.path_column == "img"
+    items = list(shard)
+    assert [i.key for i in items] == ["0", "1", "2"] and items[0].path == os.path.join(str(tmp_path), "a.jpg")
+    assert "longer than 4096 bytes" in items[1].error and len(items[1].error) < 300
+    assert items[2].source.endswith("t.csv:line 4") and "3 fields" in items[2].error
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(SourceError, match="header"):
+        expand_shards([str(tmp_path / "empty.csv")])
