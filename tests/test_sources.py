@@ -450,3 +450,15 @@ def test_csv_shards_read_by_the_one_table_reader(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(SourceError, match="header"):
         expand_shards([str(tmp_path / "empty.csv")])
+
+
+def test_folders_walked_the_same_for_captioning_and_shards(tmp_path):
+    # one walker: `caption DIR` and `caption DIR --output-dir` see the same files (hidden and macOS debris left out)
+    from captioner.data import collect_images
+
+    for name in ("b.jpg", "sub/a.PNG", "._b.jpg", ".hidden/c.jpg", "__MACOSX/d.jpg", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(image_bytes())
+    paths, errors = collect_images([str(tmp_path)])
+    (shard,) = expand_shards([str(tmp_path)])
+    assert paths == shard.paths == [str(tmp_path / "b.jpg"), str(tmp_path / "sub" / "a.PNG")] and not errors
