@@ -211,13 +211,13 @@ def _media_path(name: str, kind: str, *, root: Path | None, allowed: list[Path] 
     outside = False
     for i, c in enumerate(candidates):
         try:
-            found = c.is_file() if i or allowed is None or any(inside(r, c) for r in allowed) else None
-            if found is None:  # the path itself escapes: its file is never looked at
-                outside = True
-            elif found and allowed is not None and not any(inside(r, c) for r in allowed):
+            contained = allowed is None or any(inside(r, c) for r in allowed)
+            if i == 0 and not contained:
+                outside = True  # the path escapes the dataset: its file is never looked at
+            elif c.is_file():
+                if contained:
+                    return str(c), ""
                 outside = True  # found from the working directory, outside the dataset
-            elif found:
-                return str(c), ""
         except (OSError, RuntimeError):  # RuntimeError: symlink loop
             continue
     if outside:
