@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from captioner.model import checkpoint
 from captioner.config import DecodeConfig, ModelConfig
-from captioner.data.sets import CaptionExample
+from captioner.data import CaptionExample
 from captioner.decoding.fast import PackedHead, StaticCacheStepper
 from captioner.decoding.search import LMStepper, generate
 from captioner.model.encoders import build_tokenizer

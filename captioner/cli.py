@@ -66,7 +66,7 @@ def cmd_caption(args) -> int:
     if args.table:
         if args.images or args.audio:
             raise CLIError("give inputs either as a --table or as images/--audio, not both")
-        from captioner.data.sets import read_input_table
+        from captioner.data import read_input_table
 
         items, failures = read_input_table(args.table)
     elif not args.images and not args.audio:
@@ -117,7 +117,7 @@ def _caption_inputs(images: list[str], audio: list[str] | None) -> tuple[list[di
     """Expand image and audio inputs into items {"image": path, "audio": path} (either or both) and the
     inputs that matched nothing. With both, the expanded lists pair in order
     (folders in sorted order), so their counts must match."""
-    from captioner.data.sets import collect_audio, collect_images
+    from captioner.data import collect_audio, collect_images
 
     image_paths, failures = collect_images(images) if images else ([], [])
     audio_paths, audio_failures = collect_audio(audio) if audio else ([], [])
@@ -205,13 +205,14 @@ def print_scores(corpus: dict, *, coco_exact: bool, skipped=(), columns: dict | 
 
 
 # TrainConfig fields that say how a caption set is read: `eval` takes the same flags (help text lives there).
-DATA_FIELDS = ("image_root", "image_column", "caption_column", "audio_column", "audio_root", "strict")
+DATA_FIELDS = ("image_root", "image_column", "caption_column", "audio_column", "audio_root", "strict",
+               "allow_outside_paths")
 
 
 def cmd_eval(args) -> int:
     from captioner.api import Captioner
     from captioner.config import TrainConfig
-    from captioner.data.sets import load_caption_set
+    from captioner.data import load_caption_set
     from captioner.scoring import evaluate as ev_lib
 
     decode = config_from_args(DecodeConfig, args)
@@ -338,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", nargs="+", metavar="AUDIO",
                    help="sound files (wav, flac, ogg, mp3, ...), folders or globs, for a captioner trained with "
                         "audio; with images too, the i-th sound goes with the i-th image")
-    p.add_argument("--table", help="a CSV/TSV/JSONL table of inputs: an image column (image or file_name), an "
-                                   "audio column (audio or audio_file), or both; paths relative to the table")
+    p.add_argument("--table", help="a CSV/TSV/JSONL table of inputs: an image column (image, file_name, path, "
+                                   "...: the names every table takes), an audio column (audio, audio_file or "
+                                   "audio_path), or both; paths relative to the table")
     p.add_argument("--output", "-o", help="write results to this file (.jsonl or .csv) instead of stdout")
     p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: from the file extension)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the results already "

@@ -245,6 +245,9 @@ class TrainConfig:
     val_split: str | None = _doc("Split used for validation (none to skip).", default="val")
     strict: bool = _doc("Malformed rows in the caption set and unreadable images or sounds are errors instead of "
                         "being skipped.", default=False)
+    allow_outside_paths: bool = _doc("Let a Hugging Face dataset's or parquet file's cells name files outside its "
+                                     "folder (absolute or '../' paths); by default such rows are reported and "
+                                     "skipped, as in folders and tables.", default=False)
     epochs: int = _doc("Passes over all (image, caption) pairs.", default=10)
     max_steps: int | None = _doc("Stop after this many optimiser steps in total (the schedule still spans "
                                  "all epochs); with --resume a stopped run continues.", default=None)

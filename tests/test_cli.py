@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from captioner.cli import main
-from captioner.data.sets import read_imagefolder
+from captioner.data import read_imagefolder
 from captioner.demo.runs import most_frequent_caption
 from captioner.scoring.metrics import score_captions
 from captioner.demo.tiny import TINY_CLIP
@@ -191,7 +191,7 @@ def test_score_accepts_caption_output_and_rejects_malformed_predictions(trained,
 def test_captioner_evaluate_api(trained, shapes_data):
     from captioner.api import Captioner
     from captioner.config import DecodeConfig
-    from captioner.data.sets import read_imagefolder
+    from captioner.data import read_imagefolder
 
     run, _ = trained
     examples, _ = read_imagefolder(shapes_data, "test")
@@ -216,7 +216,7 @@ def test_decoding_matches_transformers_generate(trained, shapes_data, strategy):
     run, _ = trained
     cap = Captioner.from_pretrained(run / "best", device="cpu")
     test_ex, _ = read_imagefolder(shapes_data, "test")
-    from captioner.data.sets import load_image
+    from captioner.data import load_image
     with torch.no_grad():
         embeds = cap.model.prefix_embeds(cap.encode([load_image(ex.image) for ex in test_ex[:16]]))[0]
         eos = cap.tokenizer.eos_token_id

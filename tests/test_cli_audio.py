@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from captioner.cli import main
-from captioner.data.sets import read_imagefolder
+from captioner.data import read_imagefolder
 from captioner.demo.sounds import make_scenes_dataset
 from conftest import tiny_train_argv
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from captioner.data.sets import (MAX_CAPTION_CHARS, DataError, ImageError, collect_images, load_caption_set,
+from captioner.data import (MAX_CAPTION_CHARS, DataError, ImageError, collect_images, load_caption_set,
                             load_image, load_references, read_caption_table, read_coco_captions,
                             read_hf_dataset, read_imagefolder, read_karpathy, read_predictions)
 
@@ -480,13 +480,33 @@ def test_hf_path_string_images_are_used_in_place(tmp_path):
     ds.save_to_disk(str(tmp_path / "ds"))
     cache = tmp_path / "cache"
     examples, report = load_caption_set(tmp_path / "ds", "val", image_column="file", caption_column="text",
-                                        cache_dir=cache)
+                                        cache_dir=cache, allow_outside_paths=True)
     assert [(e.image_id, e.image, e.captions) for e in examples] == [
         ("val/0", str(tmp_path / "pics" / "a.png"), ["a"]), ("val/1", str(tmp_path / "ds" / "rel.png"), ["r"]),
         ("val/3", str(tmp_path / "pics" / "b.png"), ["b"])]
     assert len(report.problems) == 1
     assert "val[2]: image file" in report.problems[0] and "not found" in report.problems[0]
     assert not cache.exists()  # nothing copied
+
+
+def test_hf_and_parquet_paths_stay_inside_the_dataset_folder(tmp_path):
+    # absolute and ../ paths in a dataset's cells are refused like those of folders and tables, unless allowed
+    datasets = _hf()
+    _images(tmp_path / "secret", "s.png")
+    _images(tmp_path / "ds", "in.png")
+    cells = ["in.png", str(tmp_path / "secret" / "s.png"), "../secret/s.png"]
+    datasets.Dataset.from_dict({"image": cells, "caption": ["i", "abs", "up"]}).save_to_disk(str(tmp_path / "ds"))
+    (tmp_path / "pq").mkdir()
+    _images(tmp_path / "pq", "in.png")
+    datasets.Dataset.from_dict({"image": cells, "caption": ["i", "abs", "up"]}).to_parquet(str(tmp_path / "pq" / "t.parquet"))
+    for spec in (tmp_path / "ds", tmp_path / "pq" / "t.parquet"):
+        examples, report = load_caption_set(spec, "train", cache_dir=tmp_path / "c")
+        assert [e.captions for e in examples] == [["i"]]
+        assert len(report.problems) == 2 and all("escapes the dataset folder" in p for p in report.problems)
+        assert not (tmp_path / "c").exists()  # nothing read from outside, nothing copied
+        allowed, report = load_caption_set(spec, "train", cache_dir=tmp_path / "c", allow_outside_paths=True)
+        assert [e.image for e in allowed][1:] == [str(tmp_path / "secret" / "s.png"), str(spec.parent / "../secret/s.png")
+                                                  if spec.is_file() else str(spec / "../secret/s.png")]
 
 
 def test_hf_missing_column_names_it_and_lists_columns(tmp_path):

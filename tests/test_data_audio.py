@@ -9,7 +9,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from captioner.data.sets import (DataError, collect_audio, load_caption_set, load_references, read_audiocaps,
+from captioner.data import (DataError, collect_audio, load_caption_set, load_references, read_audiocaps,
                             read_caption_table, read_clotho, read_hf_dataset, read_imagefolder)
 
 
@@ -53,9 +53,8 @@ def test_imagefolder_rows_with_audio_image_or_both(tmp_path):
     ]) + "\n")
     examples, report = read_imagefolder(tmp_path, "train")
     assert [(e.image_id, e.image, e.audio, e.captions) for e in examples] == [
-        ("train/dog", None, str(split / "dog.wav"), ["a dog barks"]),
-        ("train/frame", str(split / "frame.png"), str(split / "clip.wav"), ["a man talks"]),
-        ("train/dog", None, str(split / "dog.wav"), ["a dog again"])]  # rows stay examples, as for images
+        ("train/dog", None, str(split / "dog.wav"), ["a dog barks", "a dog again"]),  # one item: rows merged
+        ("train/frame", str(split / "frame.png"), str(split / "clip.wav"), ["a man talks"])]
     assert examples[1].inputs == {"image": str(split / "frame.png"), "audio": str(split / "clip.wav")}
     assert _where(report.problems) == [f"{meta}:{n}" for n in (3, 4, 5)]
     assert "'file_name'" in report.problems[0] and "'audio_file'" in report.problems[0]

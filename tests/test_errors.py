@@ -19,7 +19,7 @@ def _kinds(cls=errors.CaptionerError):
 
 
 def _score_raising(monkeypatch, exc):
-    import captioner.data.sets as sets
+    import captioner.data as sets
 
     def boom(*a, **k):
         raise exc
@@ -60,7 +60,7 @@ def test_writing_under_a_file_is_one_line_with_exit_3(tmp_path, capsys):
 
 
 def test_unreadable_sound_during_training_is_one_line(tmp_path, capsys):
-    from captioner.data.sets import read_imagefolder
+    from captioner.data import read_imagefolder
     from captioner.demo.sounds import make_sounds_dataset
     from captioner.demo.tiny import tiny_clap_config
 
@@ -98,7 +98,7 @@ def test_bench_runs_in_process_without_touching_sys_argv(capsys):
 
 @pytest.fixture
 def shapes_examples(tmp_path):
-    from captioner.data.sets import CaptionExample
+    from captioner.data import CaptionExample
 
     out = []
     for i, (color, caption) in enumerate([("red", "a red circle"), ("blue", "a blue square"), ("green", "a green one")]):

@@ -140,7 +140,7 @@ def broken_set(tmp_path):
 @pytest.mark.parametrize("cache", [False, True])
 def test_training_encoding_skips_unreadable_inputs_unless_strict(make_captioner, broken_set, tmp_path, caplog, cache):
     from captioner.config import TrainConfig
-    from captioner.data.sets import load_caption_set
+    from captioner.data import load_caption_set
     from captioner.train.loop import encode_examples
 
     data, bad = broken_set

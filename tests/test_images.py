@@ -246,7 +246,7 @@ def _check_bad(path, reason):
 # ------------------------------------------------------------------ tests
 
 def test_pil_truncated_loading_stays_off():
-    import captioner.data.sets  # noqa: F401  (neither module may flip Pillow's global switches)
+    import captioner.data  # noqa: F401  (neither module may flip Pillow's global switches)
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     assert Image.MAX_IMAGE_PIXELS == MAX_PIXELS == 89_478_485

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from captioner.shards import sources
+from captioner.shards import tar as shard_tar
 from captioner.shards.sources import (CsvShard, FileShard, Item, ParquetShard, SourceError, TarShard, expand_shards,
                                split_tar_member_name, write_tar_with_captions)
 
@@ -425,7 +425,7 @@ def test_write_back_only_for_tar_shards_and_keeps_old_file_on_failure(tmp_path, 
         raise RuntimeError("disk full")
         yield  # pragma: no cover
 
-    monkeypatch.setattr(sources, "_iter_tar_samples", boom)
+    monkeypatch.setattr(shard_tar, "_iter_tar_samples", boom)
     with pytest.raises(RuntimeError):
         write_tar_with_captions(shard, {"k1": "c"}, out)
     assert out.read_bytes() == b"previous" and sorted(os.listdir(tmp_path)) == ["in.tar", "o.tar", "x.jpg"]
@@ -434,3 +434,31 @@ def test_write_back_only_for_tar_shards_and_keeps_old_file_on_failure(tmp_path, 
 def test_item_defaults():
     item = Item(key="k", source="s", data=b"x", path=None)
     assert item.ok and item.extra == {} and Item(key="k", source="s", data=None, path=None, error="e").ok is False
+
+
+def test_csv_shards_read_by_the_one_table_reader(tmp_path):
+    # every image-path column name of captioner.data.columns; bad rows become error items with their line
+    (tmp_path / "a.jpg").write_bytes(image_bytes())
+    long_name = "d/" * 3000 + "x.jpg"
+    (tmp_path / "t.csv").write_text(f"img,caption\na.jpg,x\n{long_name},long\n\"a.jpg\",too,many\n\n")
+    (shard,) = expand_shards([str(tmp_path / "t.csv")])
+    assert shard.path_column == "img"
+    items = list(shard)
+    assert [i.key for i in items] == ["0", "1", "2"] and items[0].path == os.path.join(str(tmp_path), "a.jpg")
+    assert "longer than 4096 bytes" in items[1].error and len(items[1].error) < 300
+    assert items[2].source.endswith("t.csv:line 4") and "3 fields" in items[2].error
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(SourceError, match="header"):
+        expand_shards([str(tmp_path / "empty.csv")])
+
+
+def test_folders_walked_the_same_for_captioning_and_shards(tmp_path):
+    # one walker: `caption DIR` and `caption DIR --output-dir` see the same files (hidden and macOS debris left out)
+    from captioner.data import collect_images
+
+    for name in ("b.jpg", "sub/a.PNG", "._b.jpg", ".hidden/c.jpg", "__MACOSX/d.jpg", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(image_bytes())
+    paths, errors = collect_images([str(tmp_path)])
+    (shard,) = expand_shards([str(tmp_path)])
+    assert paths == shard.paths == [str(tmp_path / "b.jpg"), str(tmp_path / "sub" / "a.PNG")] and not errors

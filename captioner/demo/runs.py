@@ -19,7 +19,7 @@ from pathlib import Path
 
 from captioner.api import Captioner
 from captioner.config import DecodeConfig
-from captioner.data.sets import read_imagefolder
+from captioner.data import read_imagefolder
 from captioner.scoring.metrics import score_captions
 from captioner.scoring.report import write_report
 from captioner.demo.shapes import make_shapes_dataset

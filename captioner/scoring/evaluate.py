@@ -140,7 +140,7 @@ def score_files(predictions: str | Path, references: str | Path, *, split: str =
     """Score a predictions file (COCO results JSON, JSONL or CSV) against references (COCO captions JSON,
     Karpathy split JSON, imagefolder, table): `metrics.CaptionScores`; with `output`, also a JSON file of
     the corpus and per-image scores."""
-    from captioner.data.sets import load_references, match_prediction_ids, read_predictions
+    from captioner.data import load_references, match_prediction_ids, read_predictions
     from captioner.scoring.metrics import score_captions
 
     refs = load_references(references, split=split)

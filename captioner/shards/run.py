@@ -32,7 +32,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from captioner.config import DecodeConfig
-from captioner.data.sets import AUDIO_EXTENSIONS
+from captioner.data import AUDIO_EXTENSIONS
 from captioner.errors import FileSystemError
 from captioner.files import atomic_write
 from captioner.inputs.image import MAX_PIXELS

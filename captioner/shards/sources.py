@@ -4,343 +4,55 @@
 
 - brace patterns (``shards/{00000..00999}.tar``, expanded with `braceexpand`, order kept) and globs
   (``data/*.parquet``, matches sorted);
-- WebDataset tar shards (img2dataset/LAION layout; ``.tar``, ``.tgz``, ``.tar.gz``): one shard per file;
+- WebDataset tar shards (img2dataset/LAION layout; ``.tar``, ``.tgz``, ``.tar.gz``): one shard per file
+  (`shards.tar`);
 - parquet files: one shard per file, read in record batches (`pyarrow`) so memory stays bounded;
   the image column holds encoded bytes (also the Hugging Face ``{"bytes", "path"}`` struct) or paths
   relative to the parquet file; URLs are never fetched;
-- CSV/TSV files with an image path column: one shard per file;
-- folders (searched recursively for image files) and single image files: all these loose files are
-  pooled, sorted and cut into shards of ``files_per_shard`` named ``files-00000``, ``files-00001``...
+- CSV/TSV files with an image path column (read by the one table reader, `captioner.data.tables`): one
+  shard per file;
+- folders (searched recursively for image files by the one folder walker, `captioner.data.folders`) and
+  single image files: all these loose files are pooled, sorted and cut into shards of ``files_per_shard``
+  named ``files-00000``, ``files-00001``...
 
-Shard names are filesystem-safe and stable across runs (they are used as output file names): the file
-stem for tar/parquet/CSV shards, with a short hash of the absolute path appended when two inputs share
-a stem. A shard yields `Item`s; an item that cannot be read carries `error` instead of raising, and a
-shard whose file turns out corrupt (truncated tar, unreadable parquet batch) yields the items it could
-read, then one error item, and stops. Shards hold only paths and settings, so they pickle and can be
-sent to worker processes.
-
-`write_tar_with_captions` writes a tar shard back with one caption member added per captioned sample.
-
-Tar samples follow the WebDataset convention: members are grouped by key, the member path up to the
-first dot of its base name (``a/b/000123.jpg`` + ``a/b/000123.json`` -> key ``a/b/000123``), and a
-sample's members must be contiguous in the tar. Tars are read with the standard `tarfile` module: the
-`webdataset` package's reader cannot tell a tar truncated at a member boundary from a complete one and
-imports torch, so only its naming convention is reproduced here.
+Column names are auto-detected from `captioner.data.columns`: the same image-path names as every other
+table of inputs. Shard names are filesystem-safe and stable across runs (they are used as output file
+names): the file stem for tar/parquet/CSV shards, with a short hash of the absolute path appended when two
+inputs share a stem. A shard yields `Item`s; an item that cannot be read carries `error` instead of
+raising, and a shard whose file turns out corrupt (truncated tar, unreadable parquet batch) yields the
+items it could read, then one error item, and stops. Shards hold only paths and settings, so they pickle
+and can be sent to worker processes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import glob
 import hashlib
-import io
-import json
 import logging
 import os
 import re
-import tarfile
-import tempfile
-import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import ClassVar, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Iterator, Sequence
 
-from captioner.data.sets import AUDIO_EXTENSIONS
-from captioner.errors import SourceError  # noqa: F401  (defined in errors.py)
+from captioner.data.columns import IMAGE_COLUMNS, KEY_COLUMNS, PARQUET_BYTES_COLUMNS, first_present
+from captioner.data.examples import MAX_PATH_BYTES, raise_bad, short
+from captioner.data.folders import IMAGE_EXTENSIONS, walk_files
+from captioner.data.tables import read_table
+from captioner.errors import CaptionerError, SourceError
+from captioner.shards.items import Item, Shard
+from captioner.shards.tar import (TAR_IMAGE_SUFFIXES, TAR_SUFFIXES, TarShard, split_tar_member_name,  # noqa: F401
+                                  write_tar_with_captions)
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# image members of a tar sample, in order of preference
-TAR_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
-TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TABLE_SUFFIXES = (".csv", ".tsv")
-
-PARQUET_BYTES_COLUMNS = ("image", "jpg", "png", "bytes", "image_bytes")
-PARQUET_PATH_COLUMNS = ("path", "image_path", "file_name")
-CSV_PATH_COLUMNS = ("path", "image_path", "file_name", "filepath", "filename", "image", "file")
-KEY_COLUMNS = ("key", "__key__", "id", "image_id")
 DEFAULT_PARQUET_BATCH_SIZE = 256
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-_TAR_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
 
-
-
-@dataclass
-class Item:
-    """One image to caption: encoded bytes (`data`) or a file path (`path`), or an `error`."""
-
-    key: str  # unique within the shard
-    source: str  # human-readable origin, e.g. "shards/00001.tar:000123.jpg", "data.parquet:row 17"
-    data: bytes | None = None
-    path: str | None = None
-    error: str | None = None  # set when the item could not be read; data and path are None then
-    extra: dict = field(default_factory=dict)  # tars: other members of the sample, suffix -> bytes
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class Shard:
-    """A unit of work: `name` (unique, filesystem-safe, stable), `source`, `size` (items, if cheaply known)."""
-
-    name: str
-    source: str
-    size: int | None = None
-    kind: ClassVar[str] = "shard"
-
-    def __iter__(self) -> Iterator[Item]:
-        raise NotImplementedError
-
-    def _shard_error(self, message: str) -> Item:
-        return Item(key=f"{self.name}:{self.kind}", source=self.source, error=message)
-
-
-# ----------------------------------------------------------------------------------------------- tars
-
-def split_tar_member_name(name: str) -> tuple[str, str] | None:
-    """WebDataset key and suffix of a member name (``a/b/000123.seg.png`` -> ``("a/b/000123", "seg.png")``).
-
-    None for names that belong to no sample: no dot in the base name, hidden files and macOS junk
-    (``__MACOSX/``, ``._*``, ``.DS_Store``), and WebDataset's top-level ``__meta__`` entries.
-    """
-    parts = name.split("/")
-    base = parts[-1]
-    if "__MACOSX" in parts[:-1] or base.startswith(".") or not base:
-        return None
-    if len(parts) == 1 and base.startswith("__") and base.endswith("__"):
-        return None
-    stem, dot, suffix = base.partition(".")
-    if not dot or not stem:
-        return None
-    return "/".join(parts[:-1] + [stem]), suffix
-
-
-@dataclass
-class _TarSample:
-    key: str | None  # None: the error concerns the whole shard
-    members: list[tuple[tarfile.TarInfo, bytes]] = field(default_factory=list)
-    error: str | None = None
-
-
-def _iter_tar_samples(path: str) -> Iterator[_TarSample]:
-    """Contiguous samples of a tar, then (if the tar is corrupt) one error sample; never raises on bad data."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        yield _TarSample(None, error=f"cannot open tar: {e}")
-        return
-    with f:
-        ended_by: list[tarfile.HeaderError] = []
-
-        class RecordingTarInfo(tarfile.TarInfo):
-            # tarfile takes a missing, partial or garbled header for the end of the archive, so a tar
-            # truncated at a member boundary would look complete; record why header reading stopped
-            @classmethod
-            def fromtarfile(cls, tar):
-                try:
-                    return super().fromtarfile(tar)
-                except tarfile.HeaderError as e:
-                    ended_by.append(e)
-                    raise
-
-        try:
-            tf = tarfile.open(fileobj=f, mode="r|*", tarinfo=RecordingTarInfo)
-        except _TAR_READ_ERRORS as e:
-            yield _TarSample(None, error=f"not a readable tar: {e}")
-            return
-        pending: _TarSample | None = None
-        last_name: str | None = None
-        seen: dict[str, int] = {}
-
-        def finish(sample: _TarSample) -> _TarSample:
-            # keys must be unique in a shard: a key seen before (non-contiguous members) becomes an error
-            count = seen.get(sample.key, 0)
-            seen[sample.key] = count + 1
-            if count:
-                return _TarSample(f"{sample.key}#{count + 1}", error=(
-                    f"duplicate sample key {sample.key!r} (members of a sample must be contiguous in the tar)"))
-            return sample
-
-        while True:
-            try:
-                info = tf.next()
-            except _TAR_READ_ERRORS as e:
-                # a bad header: the failing member is unknown; what was read so far is intact
-                if pending is not None:
-                    yield finish(pending)
-                after = f" after member {last_name!r}" if last_name else ""
-                yield _TarSample(None, error=f"corrupt tar{after}: {e}")
-                return
-            if info is None:
-                break
-            tf.members = []  # stream mode keeps every TarInfo otherwise
-            if not info.isreg():
-                continue
-            split = split_tar_member_name(info.name)
-            if split is None:
-                logger.debug("%s: skipping member %r (not part of a sample)", path, info.name)
-                continue
-            key, suffix = split
-            try:
-                member = tf.extractfile(info)
-                data = member.read() if member is not None else b""
-            except _TAR_READ_ERRORS as e:
-                if pending is not None and pending.key != key:
-                    yield finish(pending)
-                yield finish(_TarSample(key, error=f"cannot read member {info.name!r} (truncated or corrupt tar): {e}"))
-                return
-            last_name = info.name
-            if pending is not None and pending.key != key:
-                yield finish(pending)
-                pending = None
-            if pending is None:
-                pending = _TarSample(key)
-            pending.members.append((info, data))
-
-        # a complete tar ends with a zero block
-        truncated = None
-        if not ended_by or not isinstance(ended_by[-1], tarfile.EOFHeaderError):
-            reason = ended_by[-1] if ended_by else "no end-of-archive block"
-            after = f" after member {last_name!r}" if last_name else ""
-            truncated = f"truncated or corrupt tar{after}: {reason} (offset {tf.offset})"
-        if pending is not None:
-            yield finish(pending)
-        if truncated:
-            yield _TarSample(None, error=truncated)
-
-
-def _tar_sample_suffixes(sample: _TarSample) -> tuple[dict[str, tuple[str, bytes]], str | None]:
-    """suffix (lowercase) -> (member name, bytes), and an error for duplicate suffixes."""
-    by_suffix: dict[str, tuple[str, bytes]] = {}
-    for info, data in sample.members:
-        suffix = split_tar_member_name(info.name)[1].lower()
-        if suffix in by_suffix:
-            return by_suffix, f"duplicate member {info.name!r} in sample {sample.key!r}"
-        by_suffix[suffix] = (info.name, data)
-    return by_suffix, None
-
-
-@dataclass(kw_only=True)
-class TarShard(Shard):
-    """A WebDataset tar: one `Item` per sample; the image member's bytes in `data`, the rest in `extra`."""
-
-    path: str
-    kind: ClassVar[str] = "tar"
-
-    def __iter__(self) -> Iterator[Item]:
-        for sample in _iter_tar_samples(self.path):
-            if sample.key is None:
-                logger.warning("%s: %s", self.source, sample.error)
-                yield self._shard_error(sample.error)
-                continue
-            origin = f"{self.source}:{sample.key}"
-            if sample.error:
-                logger.warning("%s: %s", origin, sample.error)
-                yield Item(key=sample.key, source=origin, error=sample.error)
-                continue
-            by_suffix, error = _tar_sample_suffixes(sample)
-            image = next((s for s in TAR_IMAGE_SUFFIXES if s in by_suffix), None)
-            sound = any(f".{s}" in AUDIO_EXTENSIONS for s in by_suffix)  # a sound alone is an item too
-            if error is None and image is None and not sound:
-                error = f"no image member (members: {', '.join(sorted(by_suffix))})"
-            if error:
-                yield Item(key=sample.key, source=origin, error=error)
-                continue
-            if image is None:
-                yield Item(key=sample.key, source=origin, extra={s: d for s, (_, d) in by_suffix.items()})
-                continue
-            name, data = by_suffix[image]
-            extra = {s: d for s, (_, d) in by_suffix.items() if s != image}
-            yield Item(key=sample.key, source=f"{self.source}:{name}", data=data, extra=extra)
-
-
-def _caption_payload(caption: str | list[str] | tuple[str, ...], suffix: str) -> bytes | None:
-    captions = [caption] if isinstance(caption, str) else list(caption)
-    if not captions:
-        return None
-    if suffix.lower().rsplit(".", 1)[-1] == "json":
-        return json.dumps({"caption": captions[0], "captions": captions}, ensure_ascii=False).encode("utf-8")
-    return captions[0].encode("utf-8")
-
-
-def write_tar_with_captions(shard: Shard, captions: Mapping[str, str | list[str]], out_path: Path, *,
-                            suffix: str = "txt") -> int:
-    """Write `shard`'s tar to `out_path` with a ``<key>.<suffix>`` caption member added to each sample.
-
-    Only samples whose key is in `captions` are written, with all their original members (names and
-    metadata kept) plus the caption: for ``txt`` the first caption, for ``json`` (or ``*.json``)
-    ``{"caption": first, "captions": [...]}``. An original member with the same suffix (e.g. the alt
-    text ``.txt`` of img2dataset shards) is replaced. The file is written to a temporary file next to
-    `out_path` and renamed into place. Returns the number of samples written.
-    """
-    if not isinstance(shard, TarShard):
-        raise SourceError(f"write-back needs a tar shard; {shard.name!r} ({shard.source}) is a {shard.kind} shard")
-    if not suffix or "/" in suffix or suffix.startswith("."):
-        raise SourceError(f"caption suffix must be a plain extension like 'txt' or 'json', got {suffix!r}")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    written, used, problems = 0, set(), []
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as out:
-            for sample in _iter_tar_samples(shard.path):
-                if sample.error:
-                    problems.append(f"{sample.key or shard.name}: {sample.error}")
-                    continue
-                if sample.key not in captions:
-                    continue
-                payload = _caption_payload(captions[sample.key], suffix)
-                used.add(sample.key)
-                if payload is None:
-                    problems.append(f"{sample.key}: empty caption list")
-                    continue
-                by_suffix, error = _tar_sample_suffixes(sample)
-                if error:
-                    problems.append(error)
-                    continue
-                for info, data in sample.members:
-                    if split_tar_member_name(info.name)[1].lower() == suffix.lower():
-                        continue  # replaced by the new caption
-                    out.addfile(_copy_info(info, len(data)), io.BytesIO(data))
-                first = sample.members[0][0]
-                info = tarfile.TarInfo(f"{sample.key}.{suffix}")
-                info.size, info.mtime, info.mode = len(payload), first.mtime, 0o644
-                out.addfile(info, io.BytesIO(payload))
-                written += 1
-            raw.flush()
-            out.close()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    missing = len(set(captions) - used)
-    if missing:
-        logger.warning("%s: %d captioned key(s) not found in the tar", shard.source, missing)
-    for problem in problems:
-        logger.warning("%s: not written: %s", shard.source, problem)
-    logger.info("wrote %s: %d samples with .%s captions", out_path, written, suffix)
-    return written
-
-
-def _copy_info(info: tarfile.TarInfo, size: int) -> tarfile.TarInfo:
-    new = tarfile.TarInfo(info.name)
-    new.size, new.mtime, new.mode = size, info.mtime, info.mode
-    new.uid, new.gid, new.uname, new.gname = info.uid, info.gid, info.uname, info.gname
-    new.pax_headers = dict(info.pax_headers)
-    return new
-
-
-# -------------------------------------------------------------------------------------- table shards
 
 def _is_url(value: str) -> bool:
     return bool(_URL_RE.match(value))
@@ -350,11 +62,13 @@ def _path_item(key: str, origin: str, value, base_dir: str) -> Item:
     if value is None or (isinstance(value, str) and not value.strip()):
         return Item(key=key, source=origin, error="missing image path")
     value = str(value).strip()
+    if len(value) > MAX_PATH_BYTES or len(value.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        return Item(key=key, source=origin, error=f"image path {short(value)} is longer than {MAX_PATH_BYTES} bytes")
     if _is_url(value):
-        return Item(key=key, source=origin, error=f"image is a URL, which is not fetched: {value}")
+        return Item(key=key, source=origin, error=f"image is a URL, which is not fetched: {short(value)}")
     path = value if os.path.isabs(value) else os.path.join(base_dir, value)
     if not os.path.isfile(path):
-        return Item(key=key, source=origin, error=f"image file not found: {path}")
+        return Item(key=key, source=origin, error=f"image file not found: {short(path)}")
     return Item(key=key, source=origin, path=path)
 
 
@@ -435,7 +149,8 @@ class ParquetShard(Shard):
 
 @dataclass(kw_only=True)
 class CsvShard(Shard):
-    """A CSV/TSV file with an image path column (paths relative to the file's folder)."""
+    """A CSV/TSV file with an image path column (paths relative to the file's folder), read by the one
+    table reader (`captioner.data.tables`); a row it cannot use is an error item."""
 
     path: str
     path_column: str
@@ -447,24 +162,31 @@ class CsvShard(Shard):
         base_dir = os.path.dirname(self.path)
         keys = _KeyTracker(self.key_column)
         index = 0
+        bad_rows: list[tuple[str, str]] = []
+
+        def line_of(where: str) -> str:
+            return f"{self.source}:line {where.rsplit(':', 1)[1]}"
+
+        def flush() -> Iterator[Item]:
+            nonlocal index
+            for where, reason in bad_rows:
+                yield Item(key=f"#{index}" if self.key_column else str(index), source=line_of(where), error=reason)
+                index += 1
+            bad_rows.clear()
+
         try:
-            with open(self.path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.reader(f, delimiter=self.delimiter)
-                header = [h.strip() for h in next(reader, [])]
-                path_at = header.index(self.path_column)
-                key_at = header.index(self.key_column) if self.key_column else None
-                for row in reader:
-                    if not any(cell.strip() for cell in row):
-                        continue  # blank line
-                    origin = f"{self.source}:line {reader.line_num}"
-                    key_value = row[key_at] if key_at is not None and key_at < len(row) else None
-                    key, key_error = keys.key(index, key_value)
-                    if key_error:
-                        yield Item(key=key, source=origin, error=key_error)
-                    else:
-                        yield _path_item(key, origin, row[path_at] if path_at < len(row) else None, base_dir)
-                    index += 1
-        except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
+            table = read_table(self.path, lambda where, reason: bad_rows.append((where, reason)), "a table of images",
+                               fmt="tsv" if self.delimiter == "\t" else "csv", max_bytes=None)
+            for where, row in table.rows:
+                yield from flush()
+                key, key_error = keys.key(index, row.get(self.key_column) if self.key_column else None)
+                if key_error:
+                    yield Item(key=key, source=line_of(where), error=key_error)
+                else:
+                    yield _path_item(key, line_of(where), row.get(self.path_column), base_dir)
+                index += 1
+            yield from flush()
+        except CaptionerError as e:
             message = f"cannot read table after row {index}: {e}"
             logger.warning("%s: %s", self.source, message)
             yield self._shard_error(message)
@@ -511,19 +233,6 @@ def _safe_name(stem: str) -> str:
     return name[:120]
 
 
-def _is_junk(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _walk_images(folder: str) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not _is_junk(d))
-        found.extend(os.path.join(root, f) for f in sorted(files)
-                     if not _is_junk(f) and f.lower().endswith(IMAGE_EXTENSIONS))
-    return found
-
-
 def _parquet_columns(path: str, image_column: str | None, key_column: str | None) -> tuple[str, str, str | None, int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -554,7 +263,7 @@ def _parquet_columns(path: str, image_column: str | None, key_column: str | None
                               "expected binary image bytes, a {bytes, path} struct or a string path")
     else:
         image_kind = None
-        for name in PARQUET_BYTES_COLUMNS + PARQUET_PATH_COLUMNS:
+        for name in dict.fromkeys(PARQUET_BYTES_COLUMNS + IMAGE_COLUMNS):
             if name in names:
                 kind = kind_of(name)
                 if kind == "path" and name in PARQUET_BYTES_COLUMNS and name != "image":
@@ -565,7 +274,7 @@ def _parquet_columns(path: str, image_column: str | None, key_column: str | None
         if image_column is None:
             hint = ("; its 'url' column is not fetched: download the images first (e.g. with img2dataset)"
                     if "url" in names else "")
-            raise SourceError(f"{path}: no image column found among {PARQUET_BYTES_COLUMNS + PARQUET_PATH_COLUMNS} "
+            raise SourceError(f"{path}: no image column found among {tuple(dict.fromkeys(PARQUET_BYTES_COLUMNS + IMAGE_COLUMNS))} "
                               f"(columns: {', '.join(names)}){hint}; pass image_column=")
     key_column = _pick_key_column(path, names, key_column)
     return image_column, image_kind, key_column, num_rows
@@ -582,22 +291,21 @@ def _pick_key_column(path: str, names: Sequence[str], key_column: str | None) ->
 def _csv_columns(path: str, delimiter: str, image_column: str | None,
                  key_column: str | None) -> tuple[str, str | None]:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f, delimiter=delimiter), None)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise SourceError(f"{path}: cannot read table header: {e}") from e
-    if not header:
-        raise SourceError(f"{path}: empty table (no header row)")
-    names = [h.strip() for h in header]
+        table = read_table(path, raise_bad, "a table of images", fmt="tsv" if delimiter == "\t" else "csv",
+                           max_bytes=None)
+        table.rows.close()  # the header is all we need now
+    except CaptionerError as e:
+        raise SourceError(f"cannot read table header: {e}") from None
+    names = table.header
     if image_column is not None:
         if image_column not in names:
             raise SourceError(f"{path}: no column {image_column!r} (columns: {', '.join(names)})")
     else:
-        image_column = next((n for n in CSV_PATH_COLUMNS if n in names), None)
+        image_column = first_present(names, IMAGE_COLUMNS)
         if image_column is None:
             hint = ("; its 'url' column is not fetched: download the images first (e.g. with img2dataset)"
                     if "url" in names else "")
-            raise SourceError(f"{path}: no image path column found among {CSV_PATH_COLUMNS} "
+            raise SourceError(f"{path}: no image path column found among {IMAGE_COLUMNS} "
                               f"(columns: {', '.join(names)}){hint}; pass image_column=")
     return image_column, _pick_key_column(path, names, key_column)
 
@@ -657,7 +365,7 @@ def expand_shards(inputs: Sequence[str], *, files_per_shard: int = 1000, key_col
         for path, from_pattern in paths:
             absolute = os.path.abspath(path)
             if os.path.isdir(path):
-                images = _walk_images(path)
+                images = walk_files(path, IMAGE_EXTENSIONS)
                 for image in images:
                     loose.setdefault(os.path.abspath(image), os.path.normpath(image))
                 contributed |= bool(images)

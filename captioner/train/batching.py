@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from captioner.config import ConfigError
-from captioner.data.sets import CaptionExample
+from captioner.data import CaptionExample
 from captioner.model.tokens import pad_id
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from captioner.api import Captioner
 from captioner.config import DecodeConfig, TrainConfig, save_json
-from captioner.data.sets import CaptionExample, load_caption_set
+from captioner.data import CaptionExample, load_caption_set
 from captioner.errors import InputError, TrainingError
 from captioner.train.batching import (CaptionBatchSampler, ItemFeatures, drop_modalities, make_loader,  # noqa: F401
                                       tokenize_pairs, usable_examples)
@@ -227,7 +227,8 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
     def read(split):
         examples = load_caption_set(config.data, split, strict=config.strict, image_root=config.image_root,
                                     image_column=config.image_column, caption_column=config.caption_column,
-                                    audio_root=config.audio_root, audio_column=config.audio_column)[0]
+                                    audio_root=config.audio_root, audio_column=config.audio_column,
+                                    allow_outside_paths=config.allow_outside_paths)[0]
         return usable_examples(examples, config.model.modalities, f"{config.data} ({split})")
 
     train_ex = read(config.train_split)
