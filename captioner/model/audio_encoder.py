@@ -5,7 +5,7 @@ A frozen transformers audio model behind the same small interface as `encoders.I
 features (B, output_dim). Kinds: "clap" (the `ClapModel` audio tower + projection, `get_audio_features`,
 L2-normalised; default `laion/clap-htsat-unfused`: 512-d, 48 kHz, 10 s windows) and "whisper" (the
 `WhisperModel` encoder; 16 kHz, 30 s windows; its last hidden state pooled over time, see `whisper_pool`).
-Hub ids follow `captioner.model.encoders`' offline conventions (`ModelLoadError` naming the model when the hub
+Hub ids follow `captioner.hub`'s offline conventions (`ModelLoadError` naming the model when the hub
 is unreachable and it is not cached).
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from captioner.config import ConfigError
 from captioner.inputs.audio import _one_line, fit_window, load_audio
-from captioner.model import encoders as _encoders
+from captioner import hub
 
 logger = logging.getLogger(__name__)
 
@@ -202,4 +202,4 @@ def build_audio_encoder(kind: str, name: str | None = None, *, config: dict | No
 
 def _from_pretrained(load: Callable, what: str, name: str, **kwargs):
     """A transformers from_pretrained call; offline (hub unreachable), only the local cache is tried."""
-    return _encoders.call_hub(load, what, name, hint=AUDIO_OFFLINE_HINT, **kwargs)
+    return hub.call_hub(load, what, name, hint=AUDIO_OFFLINE_HINT, **kwargs)

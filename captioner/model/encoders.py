@@ -19,6 +19,7 @@ from torch import nn
 from captioner.errors import CheckpointError, ModelLoadError  # noqa: F401  (ModelLoadError re-exported)
 from captioner.config import ConfigError, ModelConfig, load_json
 from captioner import hub
+from captioner.model.audio_encoder import build_audio_encoder
 from captioner.hub import OFFLINE_HINT, call_hub, is_local  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -103,9 +104,7 @@ def build_image_encoder(config: ModelConfig, *, load_weights: bool = True) -> Im
 
 
 def build_audio_encoder_from_config(config: ModelConfig, *, load_weights: bool = True) -> nn.Module:
-    """The frozen audio encoder a ModelConfig names (see audio.py for the encoders themselves)."""
-    from captioner.model.audio_encoder import build_audio_encoder  # local: it imports this module
-
+    """The frozen audio encoder a ModelConfig names (see audio_encoder.py for the encoders themselves)."""
     return build_audio_encoder(config.audio_encoder, config.audio_model, config=config.audio_config,
                                load_weights=load_weights, whisper_pool=config.whisper_pool or None)
 

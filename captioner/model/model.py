@@ -21,6 +21,7 @@ from torch import nn
 
 from captioner.errors import ModalityError  # noqa: F401  (defined in errors.py)
 from captioner.config import MODALITIES, ModelConfig
+from captioner.model.checkpoint import saved_parts
 from captioner.model.encoders import build_audio_encoder_from_config, build_image_encoder, build_lm
 from captioner.model.mapping import build_mapper
 
@@ -59,8 +60,6 @@ class CaptionModel(nn.Module):
                     ) -> "CaptionModel":
         """Build all parts. load_weights=False skips fetching pretrained weights for the parts a saved
         captioner carries itself (see checkpoint.saved_parts)."""
-        from captioner.model.checkpoint import saved_parts  # local import: checkpoint imports this module
-
         parts = saved_parts(config)
         lm = build_lm(config, load_weights=load_weights or "lm" not in parts)
         width = lm.get_input_embeddings().embedding_dim
