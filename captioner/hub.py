@@ -314,13 +314,24 @@ def model_dir_of(run_dir: str | Path) -> Path:
 
 
 def run_files(model_dir: str | Path) -> tuple[Path | None, Path | None]:
-    """(scores.json, train_config.json) of the run a captioner directory belongs to, each None when absent:
-    looked for in the directory and its parent (the run directory), scores also in an eval/ folder of either."""
+    """(scores.json, train_config.json) of the run a captioner directory belongs to, each None when absent.
+    scores.json: in the directory or its parent (the run directory), or an eval/ folder of either; or in the
+    eval/ folder beside the run (`make demo`: demo_out/eval) when its "model" names this directory.
+    train_config.json: in the directory or its parent."""
     model_dir = Path(model_dir)
     places = (model_dir, model_dir.parent)
-    scores = [p / name for p in places for name in ("scores.json", "eval/scores.json")]
+    own = [p / name for p in places for name in ("scores.json", "eval/scores.json")]
+    scores = next((p for p in own if p.is_file()), None)
+    beside = model_dir.parent.parent / "eval" / "scores.json"
+    if scores is None and beside.is_file():
+        try:
+            named = json.loads(beside.read_text(encoding="utf-8")).get("model")
+        except (OSError, ValueError, AttributeError):
+            named = None
+        if isinstance(named, str) and Path(named).expanduser().resolve() == model_dir.resolve():
+            scores = beside
     configs = [p / "train_config.json" for p in places]
-    return next((p for p in scores if p.is_file()), None), next((p for p in configs if p.is_file()), None)
+    return scores, next((p for p in configs if p.is_file()), None)
 
 
 def _json_of(value: dict | str | Path | None) -> dict | None:

@@ -259,3 +259,15 @@ def test_push_card_only_writes_the_card_and_uploads_nothing(run_dir, tmp_path, m
     assert main(["push", str(run_dir), "me/tiny", "--card-only", str(out)]) == 0
     measured = {r.metric_name: r.metric_value for r in parse_card(out.read_text()).data.eval_results}
     assert measured["CIDEr"] == 1.2346
+
+
+def test_demo_layout_scores_beside_the_run_are_found_only_for_their_model(tmp_path, make_captioner, monkeypatch):
+    """make demo: model in demo_out/run/best, `captioner eval --model demo_out/run/best --output-dir demo_out/eval`."""
+    monkeypatch.chdir(tmp_path)
+    model = make_captioner(seed=8).save_pretrained(tmp_path / "demo_out" / "run" / "best")
+    (tmp_path / "demo_out" / "eval").mkdir()
+    scores = tmp_path / "demo_out" / "eval" / "scores.json"
+    scores.write_text(json.dumps({**SCORES, "model": "demo_out/run/last"}))
+    assert hub.run_files(model) == (None, None)  # another model's scores are not this one's
+    scores.write_text(json.dumps({**SCORES, "model": "demo_out/run/best"}))
+    assert hub.run_files(model) == (scores, None)
