@@ -375,10 +375,11 @@ def model_card_text(model_dir: str | Path, *, repo_id: str | None = None, scores
     encoder = (f"open_clip {config.clip_model} ({config.clip_pretrained or 'weights saved with the model'})"
                if image else f"{config.audio_encoder} audio encoder")
     lines = [f"# {name}", "",
-             f"A [captioner](https://pypi.org/project/captioner/) model for {' + '.join(config.modalities)} captioning: "
+             f"A captioner model for {' + '.join(config.modalities)} captioning: "
              f"a frozen {encoder} -> a trained {config.mapper} prefix mapper ({config.prefix_length} prefix "
              f"embeddings) -> {lm}, {'fine-tuned' if config.finetune_lm else 'frozen'}.", "",
-             "## Usage", "", "```bash", "pip install captioner",
+             "## Usage", "", "With the captioner package installed (from its source checkout: `pip install -e .`):", "",
+             "```bash",
              f"captioner caption photo.jpg --model {name}" if image else f"captioner caption --audio clip.wav --model {name}",
              "```", "", "```python", "from captioner import Captioner", "",
              f'cap = Captioner.from_pretrained("{name}")', 'print(cap.caption("photo.jpg"))' if image else 'print(cap.caption(audio="clip.wav"))', "```", "",
