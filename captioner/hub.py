@@ -262,9 +262,9 @@ def known_model_dir(name: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:  # converted aside and renamed: an interrupted conversion is never taken for a finished one
-        convert_clipcap(path, tmp)
+        convert_clipcap(path, tmp / "model")  # a directory that does not exist yet, as for any output
         try:
-            os.replace(tmp, out)
+            os.replace(tmp / "model", out)
         except OSError:  # another process finished first: use its directory
             if not (out / "config.json").is_file():
                 raise
