@@ -372,8 +372,12 @@ def model_card_text(model_dir: str | Path, *, repo_id: str | None = None, scores
         datasets=[dataset] if dataset else None, metrics=sorted({r.metric_type for r in results}) or None,
         eval_results=results or None, base_model=config.lm if config.lm_config is None else None)
     lm = config.lm if config.lm_config is None else "a custom GPT-2 (config saved with the model)"
-    encoder = (f"open_clip {config.clip_model} ({config.clip_pretrained or 'weights saved with the model'})"
-               if image else f"{config.audio_encoder} audio encoder")
+    if not image:
+        encoder = f"{config.audio_encoder} audio encoder"
+    elif config.clip_config is not None:  # an inline architecture: clip_model is not what was built
+        encoder = "custom open_clip image tower (architecture and weights saved with the model)"
+    else:
+        encoder = f"open_clip {config.clip_model} ({config.clip_pretrained or 'weights saved with the model'})"
     lines = [f"# {name}", "",
              f"A captioner model for {' + '.join(config.modalities)} captioning: "
              f"a frozen {encoder} -> a trained {config.mapper} prefix mapper ({config.prefix_length} prefix "
@@ -390,7 +394,7 @@ def model_card_text(model_dir: str | Path, *, repo_id: str | None = None, scores
         exact = ("COCO-exact (PTB tokenizer)" if scores.get("coco_exact") else
                  "NOT COCO-exact (pure-Python tokenizer: close to, not equal to, published numbers)")
         decode = scores.get("decode") or {}
-        how = ", ".join(f"{k} {decode[k]}" for k in ("strategy", "beam_size", "max_new_tokens") if k in decode)
+        how = ", ".join(f"{k} {decode[k]}" for k in ("strategy", "num_beams", "max_new_tokens") if k in decode)
         lines += [f"Measured with `captioner eval` on {shown}" + (f" [{split}]" if split else "") +
                   f", {len(scores.get('per_image') or {})} items" + (f", decoding: {how}" if how else "") +
                   f"; {exact}.", "", "| metric | score |", "|---|---|",

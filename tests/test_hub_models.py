@@ -162,7 +162,7 @@ def test_local_directory_wins_over_a_hub_id(tmp_path, monkeypatch, make_captione
 # ------------------------------------------------------------------ push and model cards
 
 SCORES = {"model": "run/best", "data": "hf:someone/shapes", "split": "test", "decode": {"strategy": "beam",
-          "beam_size": 3}, "corpus": {"Bleu_4": 0.41234, "CIDEr": 1.23456, "METEOR": float("nan")},
+          "num_beams": 3}, "corpus": {"Bleu_4": 0.41234, "CIDEr": 1.23456, "METEOR": float("nan")},
           "coco_exact": False, "per_image": {"1": {}, "2": {}}}
 
 
@@ -216,7 +216,8 @@ def test_push_uploads_the_files_and_a_card_with_the_measured_scores(run_dir, fak
     measured = {r.metric_name: r.metric_value for r in data.eval_results}
     assert measured == {"Bleu_4": 0.4123, "CIDEr": 1.2346}  # from scores.json; NaN left out
     assert {r.dataset_split for r in data.eval_results} == {"test"}
-    assert "| CIDEr | 1.2346 |" in card.text and "NOT COCO-exact" in card.text
+    assert "| CIDEr | 1.2346 |" in card.text and "NOT COCO-exact" in card.text and "num_beams 3" in card.text
+    assert "custom open_clip image tower" in card.text  # the tiny tower is not the clip_model name
     assert '"epochs": 7' in card.text and "## Intended use" in card.text and "## Limitations" in card.text
     assert "--model me/tiny-captioner" in card.text
     assert "pushed" in capsys.readouterr().out
