@@ -80,7 +80,13 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device=None, dtype=None) -> "Captioner":
-        """Rebuild a captioner saved with `save_pretrained` (strict: mismatches raise CheckpointError)."""
+        """Rebuild a captioner saved with `save_pretrained` (strict: mismatches raise CheckpointError).
+        `directory` may also be a known name ("clipcap-coco", "clipcap-conceptual": ClipCap's released
+        weights, downloaded and converted once) or a Hub id "user/repo[@revision]" (see hub.resolve_model);
+        a local directory of the same spelling wins."""
+        from captioner.hub import resolve_model
+
+        directory = resolve_model(directory)
         config, _ = checkpoint.read_config(directory)
         tokenizer = build_tokenizer(config, directory)
         model = CaptionModel.from_config(config, prompt_ids=encode_prompt(tokenizer, config.prompt),
@@ -91,6 +97,20 @@ class Captioner:
 
     def save_pretrained(self, directory: str | Path, **extra) -> Path:
         return checkpoint.save_pretrained(self.model, self.tokenizer, directory, extra=extra or None)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None, scores=None,
+                    train_config=None, token: str | None = None, commit_message: str | None = None) -> str:
+        """Save this captioner and upload it with a model card to Hub repo `repo_id` (branch `revision`);
+        scores: a scores.json of `captioner eval` (path or dict) whose corpus scores go in the card. Returns the
+        commit URL (see hub.push_to_hub)."""
+        import tempfile
+
+        from captioner.hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:  # saved one level down: no stray run files found beside it
+            model_dir = self.save_pretrained(Path(tmp) / "captioner")
+            return push_to_hub(model_dir, repo_id, private=private, revision=revision, scores=scores,
+                               train_config=train_config, token=token, commit_message=commit_message)
 
     @property
     def config(self) -> ModelConfig:

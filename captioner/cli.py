@@ -1,4 +1,4 @@
-"""Command line: `captioner train | caption | eval | score | merge | bench | demo`.
+"""Command line: `captioner train | caption | eval | score | merge | bench | demo | push`.
 
 The only module that parses arguments: it builds configs, calls the library and prints. Flags for config
 fields are generated from the dataclasses in config.py (help text and defaults live there; see flags.py).
@@ -252,6 +252,19 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def cmd_push(args) -> int:
+    from captioner import hub
+
+    if args.card_only:
+        path = hub.write_model_card(hub.model_dir_of(args.run_dir), args.card_only, repo_id=args.repo_id,
+                                    scores=args.scores)
+        print(f"wrote the model card to {path} (nothing uploaded)")
+        return EXIT_OK
+    url = hub.push_to_hub(args.run_dir, args.repo_id, private=args.private, revision=args.revision, scores=args.scores)
+    print(f"pushed {args.run_dir} to {args.repo_id}: {url}")
+    return EXIT_OK
+
+
 def cmd_score(args) -> int:
     from captioner.scoring.evaluate import score_files
 
@@ -309,7 +322,9 @@ def _audio_demo(args, run_audio_demo) -> int:
 
 def add_captioning_flags(p: argparse.ArgumentParser, func) -> None:
     """Flags shared by the commands that caption with a saved captioner."""
-    p.add_argument("--model", required=True, help="directory of a saved captioner (config.json + model.safetensors)")
+    p.add_argument("--model", required=True, help="directory of a saved captioner (config.json + model.safetensors), "
+                   "a known name (clipcap-coco, clipcap-conceptual: downloaded and converted once) or a Hugging Face "
+                   "Hub repo user/name[@revision] (the local directory wins when both exist)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default: 32)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -418,6 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="write corpus and per-image scores to this JSON file")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("push", help="upload a saved captioner with a model card to the Hugging Face Hub",
+                       description="Upload config.json, model.safetensors, the tokenizer files and a generated "
+                                   "model card (README.md: Hub metadata, the eval scores.json and train_config.json "
+                                   "found in the run, intended use, limitations) to a Hub model repo, created if "
+                                   "needed. Needs internet and a token (hf auth login or HF_TOKEN).")
+    p.add_argument("run_dir", help="a saved captioner directory, or a training run directory (its best/ or last/)")
+    p.add_argument("repo_id", help="Hub repo, user/name or org/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to push to (created if needed; default: main)")
+    p.add_argument("--scores", help="scores.json of a captioner eval run for the card (default: scores.json or "
+                                    "eval/scores.json in the model or run directory)")
+    p.add_argument("--card-only", metavar="PATH", help="only write the model card to PATH (offline; nothing uploaded)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("train", help="train a captioner on a caption set",
                        description="Train the mappers (and optionally the LM) on a caption set of images, sounds or both. "

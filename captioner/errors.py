@@ -67,3 +67,7 @@ class TrainingError(CaptionerError, RuntimeError):
 
 class OutputError(CaptionerError, ValueError):
     """A result or errors file cannot be written: it exists, is not one of ours, is an input, or is in use."""
+
+
+class HubError(CaptionerError, RuntimeError):
+    """An upload to the Hugging Face Hub failed (authentication, network, repository)."""
