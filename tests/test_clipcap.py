@@ -215,7 +215,6 @@ def test_converted_model_matches_clipcap_forward_and_search(tmp_path, tokenizer,
         decode = DecodeConfig(strategy="greedy", max_new_tokens=max_len, **extra)
         assert [c[0] for c in cap.caption_features(features, decode)] == greedy, extra
     beam = [text(tokenizer, clipcap_beam(gpt, ref_prefix[i], dot, max_len)) for i in range(2)]
-    assert any(b.endswith(".") for b in beam)
     for extra in ({}, {"static_cache": True}):
         decode = DecodeConfig(strategy="beam", num_beams=5, max_new_tokens=max_len, **extra)
         assert [c[0] for c in cap.caption_features(features, decode)] == beam, extra

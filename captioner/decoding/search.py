@@ -162,7 +162,7 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
     logits, state = stepper.prefill(embeds)  # (B, V)
     b, v = logits.shape
     dev = logits.device
-    ends = _end_ids(eos_id, stop_ids, dev)
+    end_ids = _end_ids(eos_id, stop_ids, dev)
     rows = torch.arange(b, device=dev)
     state = stepper.select(state, rows.repeat_interleave(k))  # (B * K) rows
     logits = logits.repeat_interleave(k, dim=0)  # (B * K, V)
@@ -192,7 +192,7 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
         # those (logit - logsumexp), instead of a (B * K, V) log-softmax and a (B, K * V) top-k.
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B * K, 1), EOS mass included
         if t < min_new_tokens:
-            logits = _no_eos(logits, ends)
+            logits = _no_eos(logits, end_ids)
         row_top, row_tok = logits.topk(min(n_cand, v), dim=-1)  # (B * K, C)
         cand = (beam_scores.view(-1, 1) + (row_top - lse)).view(b, -1)  # (B, K * C)
         top_scores, top_idx = cand.topk(n_cand, dim=1)  # (B, 2K)
@@ -200,7 +200,7 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
         token = row_tok.view(b, -1).gather(1, top_idx)  # (B, 2K)
         src_rows = rows[:, None] * k + src_beam  # (B, 2K) row in the (B * K) batch
         cand_seqs = torch.cat([seqs[src_rows.view(-1)], token.view(-1, 1)], dim=1).view(b, -1, t + 1)
-        is_eos = torch.isin(token, ends)  # EOS or a stop token
+        is_eos = torch.isin(token, end_ids)  # EOS or a stop token
         ends = is_eos & (rank[: token.shape[1]] < k) & ~done[:, None]
         merge(torch.where(ends, top_scores / length, big), padded(cand_seqs))
         # Running beams: the k best candidates that did not end.
