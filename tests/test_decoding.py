@@ -175,10 +175,15 @@ def test_stop_tokens_end_captions_in_every_strategy(strategy):
     table = torch.log(torch.tensor([[[1e-6, 0.97, 0.01, 0.02], [1.0, 1e-6, 1e-6, 1e-6],
                                      [0.02, 0.01, 0.01, 0.96], [0.3, 0.3, 0.3, 0.1], [0.97, 0.01, 0.01, 0.01]]]))
     decode = DecodeConfig(strategy=strategy, max_new_tokens=6, top_p=0.5, seed=0)
-    out = generate(BigramStepper(table), prefix([0, 0]), decode, eos_id=EOS, pad_id=PAD, stop_ids=[3])
-    assert out.tokens[:, 0].tolist() == [[1, 3], [1, 3]]  # both rows ended at '.': decoding stopped
-    plain = generate(BigramStepper(table), prefix([0]), decode, eos_id=EOS, pad_id=PAD)
-    assert plain.tokens[0, 0].tolist()[:3] == [1, 3, 0]  # without the stop set '.' is an ordinary token
+    pad = 9  # distinct from EOS here, to tell "stopped at '.'" from "'.' then EOS"
+
+    def first3(out):
+        return [(r + [pad] * 3)[:3] for r in out.tokens[:, 0].tolist()]
+
+    out = generate(BigramStepper(table), prefix([0, 0]), decode, eos_id=EOS, pad_id=pad, stop_ids=[3])
+    assert first3(out) == [[1, 3, pad], [1, 3, pad]]
+    plain = generate(BigramStepper(table), prefix([0]), decode, eos_id=EOS, pad_id=pad)
+    assert first3(plain) == [[1, 3, 0]]  # without the stop set '.' is an ordinary token
     held = generate(BigramStepper(table), prefix([0]), DecodeConfig(strategy=strategy, max_new_tokens=6, top_p=0.5,
                     seed=0, min_new_tokens=3), eos_id=EOS, pad_id=PAD, stop_ids=[3])
     assert 3 not in held.tokens[0, 0].tolist()[:3]
