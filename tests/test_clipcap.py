@@ -24,6 +24,10 @@ def gpt2_state(vocab, *, seed=0, legacy=True):
     torch.manual_seed(seed)
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=D, n_layer=2, n_head=HEADS, n_positions=128))
     state = {"gpt." + k: v.clone() for k, v in lm.state_dict().items()}
+    # GPT-2's init (std 0.02) gives near-uniform next-token distributions whose beam orderings hinge on 1e-7
+    # rounding; embeddings of std 0.6 give logits of a trained model's spread.
+    state["gpt.transformer.wte.weight"] *= 30
+    state["gpt.lm_head.weight"] = state["gpt.transformer.wte.weight"].clone()
     if legacy:
         for i in range(2):
             state[f"gpt.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(128, 128)).view(1, 1, 128, 128)
