@@ -95,6 +95,20 @@ class Captioner:
         model.eval()
         return cls(model, tokenizer, device=device, dtype=dtype)
 
+    @classmethod
+    def from_clipcap(cls, path: str | Path, output_dir: str | Path | None = None, *, device=None, dtype=None,
+                     **kwargs) -> "Captioner":
+        """Convert a ClipCap .pt (model/clipcap.py; kwargs go to convert_clipcap) into output_dir, or a
+        temporary directory, and load it."""
+        import tempfile
+
+        from captioner.model.clipcap import convert_clipcap
+
+        if output_dir is not None:
+            return cls.from_pretrained(convert_clipcap(path, output_dir, **kwargs), device=device, dtype=dtype)
+        with tempfile.TemporaryDirectory(prefix="clipcap-") as tmp:
+            return cls.from_pretrained(convert_clipcap(path, tmp, **kwargs), device=device, dtype=dtype)
+
     def save_pretrained(self, directory: str | Path, **extra) -> Path:
         return checkpoint.save_pretrained(self.model, self.tokenizer, directory, extra=extra or None)
 
@@ -188,10 +202,12 @@ class Captioner:
             packed = self._packed_head.applied(self.model.lm) if fast_head else contextlib.nullcontext()
             with packed:
                 out = generate(self._stepper(decode), embeds, decode,
-                               eos_id=self.tokenizer.eos_token_id, pad_id=pad_id(self.tokenizer))
+                               eos_id=self.tokenizer.eos_token_id, pad_id=pad_id(self.tokenizer),
+                               stop_ids=self.config.stop_tokens)
         finally:
             self.model.train(was_training)
-        return [[decode_ids(self.tokenizer, seq.tolist()) for seq in row] for row in out.tokens]
+        stops = self.config.stop_tokens
+        return [[decode_ids(self.tokenizer, seq.tolist(), stops) for seq in row] for row in out.tokens]
 
     def _stepper(self, decode: DecodeConfig):
         if not (decode.static_cache or decode.compile):

@@ -1,4 +1,4 @@
-"""Command line: `captioner train | caption | eval | score | merge | bench | demo | push`.
+"""Command line: `captioner train | caption | eval | score | merge | bench | convert | push | demo`.
 
 The only module that parses arguments: it builds configs, calls the library and prints. Flags for config
 fields are generated from the dataclasses in config.py (help text and defaults live there; see flags.py).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from captioner.config import DecodeConfig, ModelConfig, load_config_file, nonnegative_int, positive_int
 from captioner.errors import CaptionerError, FileSystemError
-from captioner.flags import add_dataclass_flags, config_from_args, parse_list as _parse_list
+from captioner.flags import _parse_json_arg, add_dataclass_flags, config_from_args, parse_list as _parse_list
 from captioner.inputs.image import MAX_PIXELS
 
 logger = logging.getLogger("captioner")
@@ -276,6 +276,16 @@ def cmd_score(args) -> int:
     return EXIT_OK
 
 
+def cmd_convert(args) -> int:
+    from captioner.model.clipcap import convert_clipcap
+
+    pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained
+    out = convert_clipcap(args.checkpoint, args.output, layout=args.layout, tokenizer=args.tokenizer,
+                          clip_pretrained=pretrained, clip_config=args.clip_config)
+    print(f"wrote {out} (caption with: captioner caption IMAGES --model {out})")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from captioner.demo.runs import run_audio_demo, run_demo
 
@@ -455,6 +465,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, TrainConfig, title="training")
     add_dataclass_flags(p, ModelConfig, title="model")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="convert a foreign checkpoint into a captioner directory",
+                       description="Convert a checkpoint of another project into a captioner directory "
+                                   "(config.json + model.safetensors + tokenizer) that every command loads.")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    c = kinds.add_parser("clipcap", help="a ClipCap .pt (coco_weights.pt, conceptual_weights.pt, transformer model)",
+                         description="ClipCap (rmokady/CLIP_prefix_caption) weights; read as plain tensors, never "
+                                     "unpickled objects. The converted model stops captions at the first '.', as "
+                                     "ClipCap does.")
+    c.add_argument("checkpoint", metavar="CKPT", help="ClipCap .pt file")
+    c.add_argument("--output", "-o", required=True, help="directory to write")
+    c.add_argument("--layout", choices=("mlp", "transformer"), help="mapper layout (default: detected from the keys)")
+    c.add_argument("--tokenizer", default="gpt2", help="GPT-2 tokenizer name or directory (default: gpt2)")
+    c.add_argument("--clip-pretrained", default="openai",
+                   help="open_clip pretrained tag of the image encoder, or none for random weights (default: openai)")
+    c.add_argument("--clip-config", type=_parse_json_arg, help="inline open_clip config (JSON or a JSON file) of a custom image encoder "
+                   "(with --clip-pretrained none: random, saved with the model)")
+    c.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="offline demo: generate shapes, train a tiny captioner, caption and score",
                        description="Runs the whole job offline on generated data: a shapes caption set, a tiny "

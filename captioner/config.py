@@ -121,6 +121,17 @@ class ModelConfig:
         "Transformer mapper: number of tokens the image feature is projected into before the layers.",
         default=10,
     )
+    mapper_activation: str = _doc("Transformer mapper: activation of the feed-forward layers, 'gelu' or 'relu' "
+                                  "(ClipCap's transformer mapper).", default="gelu")
+    mapper_qkv_bias: bool = _doc("Transformer mapper: query/key/value projections have a bias (ClipCap's have none; "
+                                 "the output projection always has one).", default=True)
+    normalize_features: bool = _doc("Divide each feature by its L2 norm before the mapper (ClipCap's transformer "
+                                    "model was trained on normalised CLIP features).", default=False)
+    stop_tokens: list[int] = _doc(
+        "Token ids that end a caption besides EOS, kept in the caption (honoured by every decoding strategy). "
+        "ClipCap was trained without EOS: its converted models stop at the first '.'.",
+        default_factory=list,
+    )
     standardize_features: bool = _doc(
         "Standardise image features per dimension with mean/std estimated on the training images "
         "(stored with the mapper) before the mapping network.",
@@ -158,6 +169,10 @@ class ModelConfig:
             raise ConfigError(f"modalities must be one or both of {', '.join(MODALITIES)} (no repeats), "
                               f"got {self.modalities!r}")
         self.modalities = [m for m in MODALITIES if m in self.modalities]  # canonical (prefix) order
+        if self.mapper_activation not in ("gelu", "relu"):
+            raise ConfigError(f"mapper_activation must be 'gelu' or 'relu', got {self.mapper_activation!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_tokens):
+            raise ConfigError(f"stop_tokens must be token ids (integers >= 0), got {self.stop_tokens!r}")
         if self.audio_encoder not in ("clap", "whisper"):
             raise ConfigError(f"audio_encoder must be 'clap' or 'whisper', got {self.audio_encoder!r}")
         _check_numbers(self, {"mlp_hidden": ">=1", "whisper_pool": ">=0", "audio_prefix_length": ">=1"})

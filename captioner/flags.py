@@ -45,6 +45,13 @@ def parse_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def parse_int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in parse_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), only=None, title=None) -> None:
     """One flag per field (or per field in `only`); defaults are SUPPRESSed so only flags given by the user
     override a config."""
@@ -55,8 +62,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), only=N
             continue
         hint = hints[f.name]
         if typing.get_origin(hint) is list:  # comma-separated, e.g. --modalities image,audio
-            group.add_argument(_flag(f.name), type=parse_list, default=argparse.SUPPRESS, metavar="A,B",
-                               help=f"{f.metadata.get('help', '')} (default: {','.join(f.default_factory())})")
+            ints = typing.get_args(hint) == (int,)  # e.g. --stop-tokens 13,0
+            group.add_argument(_flag(f.name), type=parse_int_list if ints else parse_list, default=argparse.SUPPRESS,
+                               metavar="A,B", help=f"{f.metadata.get('help', '')} "
+                               f"(default: {','.join(map(str, f.default_factory()))})")
             continue
         args = typing.get_args(hint)
         optional = type(None) in args

@@ -168,6 +168,27 @@ def test_finished_rows_emit_pad_and_decoding_stops():
     assert out.tokens.shape[-1] == 1 and stepper.calls == 0
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_stop_tokens_end_captions_in_every_strategy(strategy):
+    """A stop token (ClipCap's '.') ends a caption like EOS and is kept; min_new_tokens holds it off too."""
+    # 0 EOS, 1 A, 2 B, 3 '.': after the start A, after A '.' (then EOS would follow), B never.
+    table = torch.log(torch.tensor([[[1e-6, 0.97, 0.01, 0.02], [1.0, 1e-6, 1e-6, 1e-6],
+                                     [0.02, 0.01, 0.01, 0.96], [0.3, 0.3, 0.3, 0.1], [0.97, 0.01, 0.01, 0.01]]]))
+    decode = DecodeConfig(strategy=strategy, max_new_tokens=6, top_p=0.5, seed=0)
+    pad = 9  # distinct from EOS here, to tell "stopped at '.'" from "'.' then EOS"
+
+    def first3(out):
+        return [(r + [pad] * 3)[:3] for r in out.tokens[:, 0].tolist()]
+
+    out = generate(BigramStepper(table), prefix([0, 0]), decode, eos_id=EOS, pad_id=pad, stop_ids=[3])
+    assert first3(out) == [[1, 3, pad], [1, 3, pad]]
+    plain = generate(BigramStepper(table), prefix([0]), decode, eos_id=EOS, pad_id=pad)
+    assert first3(plain) == [[1, 3, 0]]  # without the stop set '.' is an ordinary token
+    held = generate(BigramStepper(table), prefix([0]), DecodeConfig(strategy=strategy, max_new_tokens=6, top_p=0.5,
+                    seed=0, min_new_tokens=3), eos_id=EOS, pad_id=PAD, stop_ids=[3])
+    assert 3 not in held.tokens[0, 0].tolist()[:3]
+
+
 # ----------------------------------------------------------------- the real (tiny) LM
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,13 +70,15 @@ class Generated:
     scores: torch.Tensor  # (B, N) beam: length-normalised log-prob; greedy/sample: sum of log-probs
 
 
-def generate(stepper: Stepper, embeds: torch.Tensor, decode: DecodeConfig, *, eos_id: int, pad_id: int
-             ) -> Generated:
-    """Run the decode strategy for a batch of prefixes embeds (B, Q, D)."""
+def generate(stepper: Stepper, embeds: torch.Tensor, decode: DecodeConfig, *, eos_id: int, pad_id: int,
+             stop_ids: Sequence[int] = ()) -> Generated:
+    """Run the decode strategy for a batch of prefixes embeds (B, Q, D). A caption ends at EOS or at any
+    of `stop_ids` (kept in the caption: ClipCap's models end at '.'), in every strategy."""
     if decode.strategy == "beam":
         return beam_search(stepper, embeds, num_beams=decode.num_beams, num_return=decode.num_captions,
                            length_penalty=decode.length_penalty, max_new_tokens=decode.max_new_tokens,
-                           min_new_tokens=decode.min_new_tokens, eos_id=eos_id, pad_id=pad_id)
+                           min_new_tokens=decode.min_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                           stop_ids=stop_ids)
     n = decode.num_captions if decode.strategy == "sample" else 1
     if n > 1:
         embeds = embeds.repeat_interleave(n, dim=0)  # (B * N, Q, D): independent draws per image
@@ -90,32 +92,39 @@ def generate(stepper: Stepper, embeds: torch.Tensor, decode: DecodeConfig, *, eo
                                 top_p=decode.top_p, generator=generator)
     tokens, scores = _left_to_right(stepper, embeds, max_new_tokens=decode.max_new_tokens,
                                     min_new_tokens=decode.min_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                                    choose=sampler)
+                                    choose=sampler, stop_ids=stop_ids)
     b = tokens.shape[0] // n
     return Generated(tokens=tokens.view(b, n, -1), scores=scores.view(b, n))
 
 
-def _no_eos(logits: torch.Tensor, eos_id: int) -> torch.Tensor:
-    return logits.index_fill(-1, torch.tensor([eos_id], device=logits.device), float("-inf"))
+def _no_eos(logits: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return logits.index_fill(-1, ends, float("-inf"))
 
 
-def _left_to_right(stepper, embeds, *, max_new_tokens, eos_id, pad_id, choose=None, min_new_tokens=0):
+def _end_ids(eos_id: int, stop_ids: Sequence[int], device) -> torch.Tensor:
+    """(E,) ids that end a caption: EOS and the stop tokens."""
+    return torch.tensor(sorted({eos_id, *stop_ids}), dtype=torch.long, device=device)
+
+
+def _left_to_right(stepper, embeds, *, max_new_tokens, eos_id, pad_id, choose=None, min_new_tokens=0,
+                   stop_ids: Sequence[int] = ()):
     """Greedy (choose=None) or sampled decoding; finished rows emit pad."""
     logits, state = stepper.prefill(embeds)  # (B, V)
+    ends = _end_ids(eos_id, stop_ids, logits.device)
     b = logits.shape[0]
     done = torch.zeros(b, dtype=torch.bool, device=logits.device)
     scores = torch.zeros(b, device=logits.device)
     out = []
     for t in range(max_new_tokens):
         if t < min_new_tokens:
-            logits = _no_eos(logits, eos_id)
+            logits = _no_eos(logits, ends)
         token = logits.argmax(-1) if choose is None else choose(logits)  # (B,)
         # log p(token) = logit - logsumexp: no (B, V) log-softmax is materialised
         logp = logits.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
         scores += torch.where(done, 0.0, logp)
         token = token.masked_fill(done, pad_id)
         out.append(token)
-        done |= token == eos_id
+        done |= torch.isin(token, ends)
         if done.all() or t == max_new_tokens - 1:
             break
         logits, state = stepper.step(token, state)
@@ -142,7 +151,7 @@ def sample_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int =
 
 def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_return: int = 1,
                 length_penalty: float = 1.0, max_new_tokens: int = 30, min_new_tokens: int = 0, eos_id: int,
-                pad_id: int) -> Generated:
+                pad_id: int, stop_ids: Sequence[int] = ()) -> Generated:
     """Batched beam search with the beams folded into the batch.
 
     A hypothesis ends when a beam in the top `num_beams` candidates emits EOS; its score is
@@ -153,6 +162,7 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
     logits, state = stepper.prefill(embeds)  # (B, V)
     b, v = logits.shape
     dev = logits.device
+    end_ids = _end_ids(eos_id, stop_ids, dev)
     rows = torch.arange(b, device=dev)
     state = stepper.select(state, rows.repeat_interleave(k))  # (B * K) rows
     logits = logits.repeat_interleave(k, dim=0)  # (B * K, V)
@@ -182,7 +192,7 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
         # those (logit - logsumexp), instead of a (B * K, V) log-softmax and a (B, K * V) top-k.
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B * K, 1), EOS mass included
         if t < min_new_tokens:
-            logits = _no_eos(logits, eos_id)
+            logits = _no_eos(logits, end_ids)
         row_top, row_tok = logits.topk(min(n_cand, v), dim=-1)  # (B * K, C)
         cand = (beam_scores.view(-1, 1) + (row_top - lse)).view(b, -1)  # (B, K * C)
         top_scores, top_idx = cand.topk(n_cand, dim=1)  # (B, 2K)
@@ -190,7 +200,7 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
         token = row_tok.view(b, -1).gather(1, top_idx)  # (B, 2K)
         src_rows = rows[:, None] * k + src_beam  # (B, 2K) row in the (B * K) batch
         cand_seqs = torch.cat([seqs[src_rows.view(-1)], token.view(-1, 1)], dim=1).view(b, -1, t + 1)
-        is_eos = token == eos_id
+        is_eos = torch.isin(token, end_ids)  # EOS or a stop token
         ends = is_eos & (rank[: token.shape[1]] < k) & ~done[:, None]
         merge(torch.where(ends, top_scores / length, big), padded(cand_seqs))
         # Running beams: the k best candidates that did not end.

@@ -2,7 +2,7 @@
 
 Pure nn modules, no I/O. `MLPMapper` is ClipCap's MLP; `TransformerMapper` projects the feature into
 `clip_length` tokens, appends `prefix_length` learned constant queries, runs a few transformer layers
-and keeps the query outputs.
+and keeps the query outputs. ClipCap's released checkpoints map onto these two (model/clipcap.py).
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ class MLPMapper(nn.Module):
 
 
 class TransformerMapper(nn.Module):
+    """`queries` is ClipCap's `prefix_const`. ClipCap's layers are these pre-LN layers with activation
+    'relu' and qkv_bias=False: its to_queries / to_keys_values rows are our in_proj_weight (q, k, v)."""
+
     def __init__(self, *, feature_dim: int, lm_dim: int, prefix_length: int, clip_length: int,
-                 num_layers: int, num_heads: int):
+                 num_layers: int, num_heads: int, activation: str = "gelu", qkv_bias: bool = True):
         super().__init__()
         if lm_dim % num_heads:
             raise ValueError(f"mapper_heads ({num_heads}) must divide the LM width ({lm_dim})")
@@ -66,10 +69,18 @@ class TransformerMapper(nn.Module):
         self.project = nn.Linear(feature_dim, clip_length * lm_dim)
         self.queries = nn.Parameter(torch.randn(prefix_length, lm_dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            lm_dim, num_heads, dim_feedforward=2 * lm_dim, dropout=0.0, activation="gelu",
+            lm_dim, num_heads, dim_feedforward=2 * lm_dim, dropout=0.0, activation=activation,
             batch_first=True, norm_first=True,
         )
         self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        if not qkv_bias:
+            for mod in self.layers.layers:
+                # A zero, non-trainable, unsaved bias: attention computes exactly as without one, and the
+                # state dict (and fine-tuning) has no such tensor, as in ClipCap.
+                attn = mod.self_attn
+                zeros = torch.zeros_like(attn.in_proj_bias.data)
+                del attn.in_proj_bias
+                attn.register_buffer("in_proj_bias", zeros, persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         b = features.shape[0]
@@ -82,12 +93,15 @@ class TransformerMapper(nn.Module):
 class Mapper(nn.Module):
     """Optional feature standardisation followed by the configured mapping network."""
 
-    def __init__(self, *, net: nn.Module, feature_norm: FeatureNorm | None):
+    def __init__(self, *, net: nn.Module, feature_norm: FeatureNorm | None, l2_normalize: bool = False):
         super().__init__()
         self.feature_norm = feature_norm
         self.net = net
+        self.l2_normalize = l2_normalize
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.l2_normalize:
+            features = features.float() / features.float().norm(dim=-1, keepdim=True)  # (B, F), unit length
         if self.feature_norm is not None:
             features = self.feature_norm(features)  # float32
         return self.net(features.to(next(self.net.parameters()).dtype))  # (B, P, D)
@@ -102,5 +116,7 @@ def build_mapper(config: ModelConfig, *, feature_dim: int, lm_dim: int, prefix_l
     else:
         net = TransformerMapper(feature_dim=feature_dim, lm_dim=lm_dim, prefix_length=prefix_length,
                                 clip_length=config.clip_length, num_layers=config.mapper_layers,
-                                num_heads=config.mapper_heads)
-    return Mapper(net=net, feature_norm=FeatureNorm(feature_dim) if config.standardize_features else None)
+                                num_heads=config.mapper_heads, activation=config.mapper_activation,
+                                qkv_bias=config.mapper_qkv_bias)
+    return Mapper(net=net, feature_norm=FeatureNorm(feature_dim) if config.standardize_features else None,
+                  l2_normalize=config.normalize_features)

@@ -42,9 +42,12 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
 
 
-def decode_ids(tokenizer, ids: Sequence[int]) -> str:
-    """Token ids -> caption text, cut at the first EOS."""
+def decode_ids(tokenizer, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> str:
+    """Token ids -> caption text, cut at the first EOS (dropped) or stop token (kept, e.g. ClipCap's '.')."""
     ids = list(ids)
     if tokenizer.eos_token_id in ids:
         ids = ids[: ids.index(tokenizer.eos_token_id)]
+    stops = [i for i, t in enumerate(ids) if t in set(stop_ids)]
+    if stops:
+        ids = ids[: stops[0] + 1]
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
