@@ -554,3 +554,34 @@ def test_hf_local_data_files_go_through_load_dataset(tmp_path, monkeypatch):
     assert sorted((os.path.basename(e.image), e.captions[0]) for e in examples) == [("x.png", "an x"), ("y.png", "a y")]
     assert all(os.path.dirname(e.image) == str(folder) for e in examples)  # files on disk: used in place
     assert not (tmp_path / "c2").exists()
+
+
+def test_imagefolder_reads_metadata_csv_and_parquet(tmp_path):
+    # Hugging Face's imagefolder takes metadata.csv (one row per caption) and metadata.parquet too
+    csv_root = tmp_path / "csv"
+    _images(csv_root / "train", "a.png", "b.png")
+    (csv_root / "train" / "metadata.csv").write_text("file_name,caption\na.png,a cat\na.png,the cat\nb.png,a dog\n")
+    examples, _ = load_caption_set(csv_root, "train")
+    assert [(e.image_id, e.captions) for e in examples] == [("train/a", ["a cat", "the cat"]), ("train/b", ["a dog"])]
+    assert load_references(csv_root, split="train") == {"train/a": ["a cat", "the cat"], "train/b": ["a dog"]}
+    (csv_root / "train" / "metadata.csv").write_text("file_name,caption\n../outside.png,escapes\n")
+    with pytest.raises(DataError, match="outside"):
+        read_imagefolder(csv_root, "train", strict=True)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq_root = tmp_path / "pq"
+    _images(pq_root, "x.png", "y.png")
+    pq.write_table(pa.table({"file_name": ["x.png", "y.png"], "captions": [["an x", "the x"], ["a y"]]}),
+                   pq_root / "metadata.parquet")
+    examples, _ = read_imagefolder(pq_root)
+    assert [(e.image_id, e.captions, os.path.basename(e.image)) for e in examples] == [
+        ("x", ["an x", "the x"], "x.png"), ("y", ["a y"], "y.png")]
+    (pq_root / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "caption": "other"}) + "\n")
+    with pytest.raises(DataError, match="metadata.jsonl and metadata.parquet; keep one"):
+        read_imagefolder(pq_root)
+    (pq_root / "metadata.jsonl").unlink()
+    (pq_root / "metadata.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        read_imagefolder(pq_root)

@@ -40,11 +40,11 @@ def row_inputs(row: dict, image_key: str | None, audio_key: str | None) -> dict[
 
 
 def _table_rows(path: Path, image_columns: Sequence[str], audio_columns: Sequence[str],
-                caption_columns: Sequence[str], bad: Reporter
+                caption_columns: Sequence[str], bad: Reporter, audio_required: bool
                 ) -> Iterator[tuple[str, dict, str | None, str | None, list[str]]]:
     """(where, row, image key, audio key, caption keys) for each table row; keys are None (captions: [])
     when the row (a JSONL line) or the header (CSV/TSV) lacks them. A header needs a caption column and an
-    image or audio column; an audio column named by the caller (the only candidate) must be there."""
+    image or audio column; an audio column named by the caller (`audio_required`) must be there."""
     fmt = table_format(path)
     table = read_table(path, bad, f"a {fmt.upper()} caption table", fmt=fmt)
     if table.header is None:
@@ -54,7 +54,7 @@ def _table_rows(path: Path, image_columns: Sequence[str], audio_columns: Sequenc
     header = table.header
     image_key, audio_key, captions_at = table_keys(header, image_columns, audio_columns, caption_columns)
     has = f"the header has {', '.join(map(short, header))}"
-    if audio_key is None and len(audio_columns) == 1:
+    if audio_key is None and audio_required:
         raise DataError(f"{table.where()}: no audio column {audio_columns[0]!r} ({has})")
     if image_key is None and audio_key is None:
         nor = f"; nor an audio column: {', '.join(map(repr, audio_columns))}" if audio_columns else ""
@@ -69,7 +69,7 @@ def _table_rows(path: Path, image_columns: Sequence[str], audio_columns: Sequenc
 
 def read_rows(path: Path, *, image_columns: Sequence[str], caption_columns: Sequence[str],
               audio_columns: Sequence[str] = (), strict: bool, require_images: bool, split: str,
-              image_id: Callable[[str], str] | None = None) -> tuple[list[CaptionExample], ReadReport]:
+              audio_required: bool = False, image_id: Callable[[str], str] | None = None) -> tuple[list[CaptionExample], ReadReport]:
     """Shared body of `read_caption_table` and the imagefolder readers. Each row needs a caption and an
     image or audio path; the id comes from the image path, else the audio path (`image_id` of it, default:
     the path normalised). Rows with the same id are one example, their captions merged, the first row's
@@ -81,7 +81,7 @@ def read_rows(path: Path, *, image_columns: Sequence[str], caption_columns: Sequ
     by_id: dict[str, tuple[str, CaptionExample]] = {}  # id -> (where first seen, example)
     merged_columns = False
     for where, row, image_key, audio_key, captions_at in _table_rows(path, image_columns, audio_columns,
-                                                                      caption_columns, bad):
+                                                                      caption_columns, bad, audio_required):
         cells = row_inputs(row, image_key, audio_key)
         if not cells:  # (an empty cell counts as no field where audio may stand in for the image)
             audio = f" or an audio field ({' or '.join(map(repr, audio_columns))})" if audio_columns else ""
@@ -142,4 +142,5 @@ def read_caption_table(path: str | Path, *, image_column: str | None = "image", 
     return read_rows(path, image_columns=(image_column,) if image_column else TABLE_IMAGE_COLUMNS,
                      audio_columns=(audio_column,) if audio_column else AUDIO_COLUMNS,
                      caption_columns=(caption_column,) if caption_column else CAPTION_COLUMNS,
-                     strict=strict, require_images=require_images, split=path.stem)
+                     strict=strict, require_images=require_images, split=path.stem,
+                     audio_required=audio_column is not None)

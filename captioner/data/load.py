@@ -10,16 +10,18 @@ from captioner.data.audio_sets import audio_csv_reader
 from captioner.data.caption_tables import read_caption_table
 from captioner.data.coco import coco_from_data, json_kind, karpathy_from_data
 from captioner.data.examples import CaptionExample, ReadReport
-from captioner.data.folders import imagefolder_table, read_imagefolder
+from captioner.data.folders import imagefolder_table, metadata_file, read_imagefolder
 from captioner.data.hf import HF_PREFIX, is_saved_hf_dataset, read_hf_dataset
 from captioner.data.tables import TABLE_SUFFIXES, load_json
 from captioner.errors import DataError
 
 _REFERENCE_FORMATS = ("COCO captions JSON ('images' + 'annotations'), Karpathy split JSON ('images' with "
-                      "'sentences'), an imagefolder directory (metadata.jsonl, optionally in a split folder), "
+                      "'sentences'), an imagefolder directory (metadata.jsonl/.csv/.parquet, optionally in a split "
+                      "folder), "
                       "a Clotho or AudioCaps captions .csv, or a .csv/.tsv/.jsonl table with image and/or audio "
                       "and caption columns")
-_CAPTION_SET_FORMATS = ("an imagefolder directory (metadata.jsonl), a COCO captions or Karpathy split .json, "
+_CAPTION_SET_FORMATS = ("an imagefolder directory (metadata.jsonl/.csv/.parquet), a COCO captions or Karpathy "
+                        "split .json, "
                         "a Clotho (file_name,caption_1,...) or AudioCaps (audiocap_id,youtube_id,start_time,"
                         "caption) .csv, a .csv/.tsv/.jsonl table with image and/or audio columns, or a "
                         "`datasets` dataset with images (a save_to_disk directory, a .parquet/.arrow file, or "
@@ -94,18 +96,18 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
 def load_references(path: str | Path, *, split: str = "test") -> dict[str, list[str]]:
     """Reference captions for scoring, {item id: [captions]}, from any of: a COCO captions JSON (has
     'annotations'), a Karpathy split JSON (its `split`), an imagefolder directory (path/split/metadata.jsonl,
-    else path/metadata.jsonl; image and/or audio rows), a Clotho or AudioCaps captions CSV (by its header;
-    one split already) or a .csv/.tsv/.jsonl table (columns auto-detected). Image and audio files need not
+    else path/metadata.jsonl; or metadata.csv/.parquet; image and/or audio rows), a Clotho or AudioCaps
+    captions CSV (by its header; one split already) or a .csv/.tsv/.jsonl table (columns auto-detected). Image and audio files need not
     exist. Problem rows are logged and skipped; an unknown format is a DataError listing the accepted ones."""
     path = Path(path)
     audio_reader = audio_csv_reader(path)
     if path.is_dir():
-        if (path / split / "metadata.jsonl").is_file():
+        if metadata_file(path / split) is not None:
             examples, _ = imagefolder_table(path / split, split, strict=False, require_files=False)
-        elif (path / "metadata.jsonl").is_file():
+        elif metadata_file(path) is not None:
             examples, _ = imagefolder_table(path, None, strict=False, require_files=False)
         else:
-            raise DataError(f"{path}: directory holds no metadata.jsonl (nor {split}/metadata.jsonl); "
+            raise DataError(f"{path}: directory holds no metadata.jsonl/.csv/.parquet (nor in {split}/); "
                             f"accepted reference formats: {_REFERENCE_FORMATS}")
     elif not path.exists():
         raise DataError(f"{path}: no such file or directory")
