@@ -585,3 +585,19 @@ def test_imagefolder_reads_metadata_csv_and_parquet(tmp_path):
     (pq_root / "metadata.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="not a readable parquet file"):
         read_imagefolder(pq_root)
+
+
+def test_table_image_paths_relative_to_an_image_root(tmp_path):
+    _images(tmp_path / "pics", "a.png", "sub/b.png")
+    (tmp_path / "pics" / "secret.txt").write_text("x")
+    (tmp_path / "outside.png").write_bytes(b"")
+    (tmp_path / "meta").mkdir()
+    table = tmp_path / "meta" / "caps.csv"
+    table.write_text("image,caption\na.png,a cat\nsub/b.png,a dog\n../outside.png,escapes\n")
+    examples, report = load_caption_set(table, "train", image_root=tmp_path / "pics")
+    assert [(e.image_id, e.captions, e.image) for e in examples] == [
+        ("a.png", ["a cat"], str(tmp_path / "pics" / "a.png")),
+        ("sub/b.png", ["a dog"], str(tmp_path / "pics" / "sub" / "b.png"))]
+    assert [p for p in report.problems if "outside" in str(p)]  # the escape check is against the image root
+    with pytest.raises(DataError, match="image root applies only to COCO/Karpathy JSON files and caption tables"):
+        load_caption_set(tmp_path / "pics", "train", image_root=tmp_path)

@@ -38,8 +38,8 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
     content (a COCO file is one split already: `split` only labels its examples); a .csv whose header is
     Clotho's or AudioCaps' -> `read_clotho` / `read_audiocaps` (one split already, like COCO); other
     .csv/.tsv/.jsonl -> `read_caption_table` (columns auto-detected unless named; `audio_column` names its
-    audio column, here and for `datasets` datasets). `image_root` (COCO/Karpathy only; default: the JSON's
-    folder) is where image paths start; `audio_root` (Clotho/AudioCaps only; default: the CSV's folder) is
+    audio column, here and for `datasets` datasets). `image_root` (COCO/Karpathy JSON and caption tables;
+    default: the file's folder) is where image paths start (and must stay inside); `audio_root` (Clotho/AudioCaps only; default: the CSV's folder) is
     where audio files are. Images and audio files must exist.
 
     `read_hf_dataset` (a `datasets` dataset with images and/or audio; `cache_dir` is where images and sounds
@@ -49,10 +49,11 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
 
     Rows naming one item (same id) are one example with the captions of all of them, in every format."""
     path = Path(spec)
-    if image_root is not None and (str(spec).startswith(HF_PREFIX) or path.is_dir() or path.suffix.lower() != ".json"):
-        raise DataError(f"{path}: an image root applies only to COCO/Karpathy JSON files (image paths of an "
-                        "imagefolder or a table are relative to its own folder)")
     audio_reader = audio_csv_reader(path)
+    if image_root is not None and (str(spec).startswith(HF_PREFIX) or path.is_dir() or audio_reader is not None
+                                   or path.suffix.lower() not in (".json", *TABLE_SUFFIXES)):
+        raise DataError(f"{path}: an image root applies only to COCO/Karpathy JSON files and caption tables "
+                        "(image paths of an imagefolder are relative to its own folder)")
     if audio_root is not None and audio_reader is None:
         raise DataError(f"{path}: an audio root applies only to Clotho and AudioCaps CSV files (audio paths of an "
                         "imagefolder or a table are relative to its own folder)")
@@ -85,7 +86,7 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
         examples, report = audio_reader(path, audio_root, strict=strict)
     elif ext in TABLE_SUFFIXES:
         examples, report = read_caption_table(path, image_column=image_column, caption_column=caption_column,
-                                              audio_column=audio_column, strict=strict)
+                                              audio_column=audio_column, strict=strict, image_root=image_root)
     else:
         raise DataError(f"{path}: unknown caption-set format; accepted caption sets: {_CAPTION_SET_FORMATS}")
     if split:
