@@ -601,3 +601,28 @@ def test_table_image_paths_relative_to_an_image_root(tmp_path):
     assert [p for p in report.problems if "outside" in str(p)]  # the escape check is against the image root
     with pytest.raises(DataError, match="image root applies only to COCO/Karpathy JSON files and caption tables"):
         load_caption_set(tmp_path / "pics", "train", image_root=tmp_path)
+
+
+def test_predictions_of_a_chosen_rank(tmp_path, caplog):
+    import logging
+
+    from captioner.cli import main
+
+    (tmp_path / "out.csv").write_text("image,rank,caption\na.png,0,a cat\na.png,1,a dog\na.png,2,a cow\n"
+                                      "b.png,0,b zero\nb.png,1,b one\nb.png,2,b two\n")
+    with caplog.at_level(logging.INFO, logger="captioner"):
+        assert read_predictions(tmp_path / "out.csv") == {"a.png": "a cat", "b.png": "b zero"}
+    assert "3 captions per item (ranks 0-2); scoring rank 0" in caplog.text
+    assert read_predictions(tmp_path / "out.csv", rank=2) == {"a.png": "a cow", "b.png": "b two"}
+    with pytest.raises(DataError, match=r"no predictions of rank 3 \(the file has ranks 0-2\)"):
+        read_predictions(tmp_path / "out.csv", rank=3)
+    (tmp_path / "only2.csv").write_text("image,rank,caption\na.png,2,a cow\n")
+    with pytest.raises(DataError, match=r"no predictions of rank 0 \(the file has ranks 2\)"):
+        read_predictions(tmp_path / "only2.csv")
+    assert read_predictions(tmp_path / "only2.csv", rank=2) == {"a.png": "a cow"}
+    (tmp_path / "out.jsonl").write_text(json.dumps({"image": "a.png", "caption": "x", "captions": ["x", "y"]}) + "\n")
+    assert read_predictions(tmp_path / "out.jsonl", rank=1) == {"a.png": "y"}
+    (tmp_path / "refs.csv").write_text("image,caption\na.png,a cow\nb.png,b two\n")
+    assert main(["score", "--predictions", str(tmp_path / "out.csv"), "--references", str(tmp_path / "refs.csv"),
+                 "--rank", "2", "-o", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["corpus"]["ROUGE_L"] > 0.99  # rank 2 matches exactly
