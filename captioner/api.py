@@ -5,7 +5,7 @@
     cap.caption(["a.jpg", "b.png"])                       # -> ["a red circle ...", ...]
     cap.caption("a.jpg", decode=DecodeConfig(strategy="sample", num_captions=3, seed=0))
     cap.caption("frame.jpg", audio="frame.wav")           # a captioner trained on image + audio
-    cap.iter_captions(paths_or_dicts, num_workers=4)      # streaming, errors per item (caption() wraps it)
+    cap.iter_captions(paths_or_dicts)                     # streaming, errors per item (caption() wraps it)
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class Captioner:
                            max_pixels=max_pixels, jpegs=jpegs)
 
     @torch.no_grad()
-    def feature_batches(self, dataset: Dataset, *, batch_size: int, num_workers: int = 0,
+    def feature_batches(self, dataset: Dataset, *, batch_size: int, num_workers: int | None = 0,
                         pipeline: JpegPipeline | None = None) -> Iterator[tuple[list, list[tuple[list[int], dict]]]]:
         """(batch, groups) for each loader batch of `dataset` (an `InputDataset` or `InputStream`): the batch's
         rows (key, inputs | None, error | None), and per group of rows with the same inputs (their positions
@@ -257,12 +257,12 @@ class Captioner:
         return results[0] if single else results
 
     def iter_captions(self, items: Sequence[str | dict], *, decode: DecodeConfig | None = None, batch_size: int = 32,
-                      max_pixels: int | None = MAX_PIXELS, num_workers: int = 0, jpeg_on_device: bool | None = None
-                      ) -> Iterator[tuple[Any, list[str] | None, str | None]]:
+                      max_pixels: int | None = MAX_PIXELS, num_workers: int | None = None,
+                      jpeg_on_device: bool | None = None) -> Iterator[tuple[Any, list[str] | None, str | None]]:
         """Stream (item, captions, error) in input order over many inputs: images (paths, bytes, PIL images,
         arrays), or dicts {"image": ..., "audio": ...} with either or both. Inputs are read and preprocessed
-        by `num_workers` DataLoader workers (0: in this process) while the model captions the previous
-        batch. Unreadable inputs (and images over `max_pixels`) yield an error and the rest of the batch is
+        by `num_workers` DataLoader workers (0: in this process; None: from the CPUs this process may use,
+        `loader.default_workers`) while the model captions the previous batch. Unreadable inputs (and images over `max_pixels`) yield an error and the rest of the batch is
         still captioned. Memory does not grow with the number of inputs.
 
         jpeg_on_device: workers only read plain JPEG files and the batch is decoded and preprocessed on the
@@ -312,13 +312,14 @@ class Captioner:
 
     def evaluate(self, examples: Sequence[CaptionExample], *, decode: DecodeConfig | None = None,
                  batch_size: int = 32, metrics: Sequence[str] = ("BLEU", "METEOR", "ROUGE_L", "CIDEr"),
-                 clip_scorer=None, modalities: Sequence[str] | None = None, num_workers: int = 0) -> EvalResult:
+                 clip_scorer=None, modalities: Sequence[str] | None = None, num_workers: int | None = None
+                 ) -> EvalResult:
         """Caption every example and score against its references (COCO caption metrics, SPIDEr when
         SPICE is computed, plus CLIPScore / RefCLIPScore for images when a `clipscore.CLIPScorer` is
         given; `metrics=()` only captions). `modalities` restricts which of an example's inputs are used (e.g. ["image"] to see what a
         two-modality captioner says from the image alone); default: every input the captioner takes.
         Unreadable inputs and examples with no usable input are left out of the scores and listed in
-        `skipped`."""
+        `skipped`. num_workers: as in `iter_captions` (None: from the CPUs this process may use)."""
         from captioner.scoring.metrics import CaptionScores, score_captions
 
         decode = decode or DecodeConfig()

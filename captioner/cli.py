@@ -268,7 +268,10 @@ def cmd_push(args) -> int:
 def cmd_score(args) -> int:
     from captioner.scoring.evaluate import score_files
 
-    scores = score_files(args.predictions, args.references, split=args.split, spice=args.spice, output=args.output)
+    if args.rank < 0:
+        raise CLIError("--rank must be 0 or more")
+    scores = score_files(args.predictions, args.references, split=args.split, spice=args.spice, output=args.output,
+                         rank=args.rank)
     print(f"{args.predictions} against {args.references}, {len(scores.per_image)} images:")
     print_scores(scores.corpus, coco_exact=scores.coco_exact, skipped=scores.skipped)
     if args.output:
@@ -383,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "its share of the shards; rerunning continues where it stopped")
     g.add_argument("--files-per-shard", type=positive_int, default=1000,
                    help="loose image files per shard (default: 1000)")
-    p.add_argument("--num-workers", type=nonnegative_int, default=2, help="file decoding workers per process, reading "
-                   "the next batches while the model captions this one (default: 2)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=None, help="file decoding workers per process, "
+                   "reading the next batches while the model captions this one (default: one per CPU this process "
+                   "may use, less one, at most 4)")
     p.add_argument("--jpeg-on-device", action=argparse.BooleanOptionalAction, default=None,
                    help="workers only read plain JPEG files; they are decoded and resized on the device in batches "
                         "(nvjpeg on CUDA; pixels may differ from PIL's by a level or two). "
@@ -421,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablate", action="store_true", help="two-input captioners: also caption from each input "
                                                          "alone and print the scores side by side")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N items")
-    p.add_argument("--num-workers", type=nonnegative_int, default=2, help="file decoding workers (default: 2)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=None,
+                   help="file decoding workers (default: one per CPU this process may use, less one, at most 4)")
     p.add_argument("--output-dir", help="write scores.json, predictions.json and report.html here")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")
     p.add_argument("--clip-score-model", help="open_clip model for CLIPScore (default: the captioner's own "
@@ -442,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split of a Karpathy file or imagefolder (default: test)")
     p.add_argument("--output", "-o", help="write corpus and per-image scores to this JSON file")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")
+    p.add_argument("--rank", type=int, default=0, help="with several captions per item (caption --num-captions): "
+                                                       "score this rank, 0 being the best (default: 0)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("push", help="upload a saved captioner with a model card to the Hugging Face Hub",

@@ -240,8 +240,8 @@ class TrainConfig:
     data: str = _doc("Caption set: imagefolder directory, COCO captions JSON, Karpathy split JSON, a "
                      "CSV/TSV/JSONL table of image,caption rows, or a Hugging Face dataset (a save_to_disk "
                      "folder, a parquet file, or hf:NAME).", default="")
-    image_root: str | None = _doc("Folder image paths are relative to (COCO/Karpathy; default: the file's "
-                                  "folder).", default=None)
+    image_root: str | None = _doc("Folder image paths are relative to (COCO/Karpathy JSON or a "
+                                  "CSV/TSV/JSONL table; default: the file's folder).", default=None)
     output_dir: str = _doc("Run directory: config, metrics.jsonl, last/, best/ and state/.",
                            default="runs/captioner")
     image_column: str | None = _doc("Image column of a table or Hugging Face dataset (default: auto-detect).",

@@ -17,10 +17,11 @@ from typing import Callable, Iterator, BinaryIO
 TMP_SUFFIX = ".tmp"
 
 
-def _umask() -> int:
+def plain_mode() -> int:
+    """The permissions a plain `open(path, "w")` gives a new file: 0o666 minus the umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None], *,
@@ -36,7 +37,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
                 f.write(data.encode(encoding) if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)
+        os.chmod(tmp, plain_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

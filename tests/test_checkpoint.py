@@ -205,3 +205,30 @@ def test_garbage_tokenizer_directory_for_training_is_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match="could not load tokenizer from local directory") as e:
         build_tokenizer(ModelConfig(tokenizer=str(tok_dir)))
     assert "\n" not in str(e.value) and "Offline" not in str(e.value)
+
+
+def test_saved_and_run_files_have_plain_write_permissions(make_captioner, tmp_path):
+    """Files written through a temporary file (config.json, model.safetensors, train_config.json, ...) get
+    the mode a plain write gives under the umask, like the tokenizer files: others can load a shared model."""
+    import os
+    import stat
+
+    from captioner.cli import main
+    from captioner.data import load_caption_set
+    from captioner.demo.shapes import make_shapes_dataset
+    from conftest import tiny_train_argv
+
+    old = os.umask(0o022)
+    try:
+        make_captioner().save_pretrained(tmp_path / "m")
+        data = make_shapes_dataset(tmp_path / "shapes", n_train=16, n_val=4, n_test=4, seed=0)
+        train_ex, _ = load_caption_set(data, "train")
+        argv = tiny_train_argv(data, tmp_path, train_ex, epochs=1, batch_size=8)
+        assert main(argv) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+             for root in (tmp_path / "m", tmp_path / "run") for p in root.rglob("*")}
+    assert {"m/config.json", "m/model.safetensors", "run/train_config.json", "run/last/model.safetensors",
+            "run/best/config.json"} <= set(modes)
+    assert {k: oct(v) for k, v in modes.items() if v != (0o755 if (tmp_path / k).is_dir() else 0o644)} == {}

@@ -554,3 +554,75 @@ def test_hf_local_data_files_go_through_load_dataset(tmp_path, monkeypatch):
     assert sorted((os.path.basename(e.image), e.captions[0]) for e in examples) == [("x.png", "an x"), ("y.png", "a y")]
     assert all(os.path.dirname(e.image) == str(folder) for e in examples)  # files on disk: used in place
     assert not (tmp_path / "c2").exists()
+
+
+def test_imagefolder_reads_metadata_csv_and_parquet(tmp_path):
+    # Hugging Face's imagefolder takes metadata.csv (one row per caption) and metadata.parquet too
+    csv_root = tmp_path / "csv"
+    _images(csv_root / "train", "a.png", "b.png")
+    (csv_root / "train" / "metadata.csv").write_text("file_name,caption\na.png,a cat\na.png,the cat\nb.png,a dog\n")
+    examples, _ = load_caption_set(csv_root, "train")
+    assert [(e.image_id, e.captions) for e in examples] == [("train/a", ["a cat", "the cat"]), ("train/b", ["a dog"])]
+    assert load_references(csv_root, split="train") == {"train/a": ["a cat", "the cat"], "train/b": ["a dog"]}
+    (csv_root / "train" / "metadata.csv").write_text("file_name,caption\n../outside.png,escapes\n")
+    with pytest.raises(DataError, match="outside"):
+        read_imagefolder(csv_root, "train", strict=True)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq_root = tmp_path / "pq"
+    _images(pq_root, "x.png", "y.png")
+    pq.write_table(pa.table({"file_name": ["x.png", "y.png"], "captions": [["an x", "the x"], ["a y"]]}),
+                   pq_root / "metadata.parquet")
+    examples, _ = read_imagefolder(pq_root)
+    assert [(e.image_id, e.captions, os.path.basename(e.image)) for e in examples] == [
+        ("x", ["an x", "the x"], "x.png"), ("y", ["a y"], "y.png")]
+    (pq_root / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "caption": "other"}) + "\n")
+    with pytest.raises(DataError, match="metadata.jsonl and metadata.parquet; keep one"):
+        read_imagefolder(pq_root)
+    (pq_root / "metadata.jsonl").unlink()
+    (pq_root / "metadata.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        read_imagefolder(pq_root)
+
+
+def test_table_image_paths_relative_to_an_image_root(tmp_path):
+    _images(tmp_path / "pics", "a.png", "sub/b.png")
+    (tmp_path / "pics" / "secret.txt").write_text("x")
+    (tmp_path / "outside.png").write_bytes(b"")
+    (tmp_path / "meta").mkdir()
+    table = tmp_path / "meta" / "caps.csv"
+    table.write_text("image,caption\na.png,a cat\nsub/b.png,a dog\n../outside.png,escapes\n")
+    examples, report = load_caption_set(table, "train", image_root=tmp_path / "pics")
+    assert [(e.image_id, e.captions, e.image) for e in examples] == [
+        ("a.png", ["a cat"], str(tmp_path / "pics" / "a.png")),
+        ("sub/b.png", ["a dog"], str(tmp_path / "pics" / "sub" / "b.png"))]
+    assert [p for p in report.problems if "outside" in str(p)]  # the escape check is against the image root
+    with pytest.raises(DataError, match="image root applies only to COCO/Karpathy JSON files and caption tables"):
+        load_caption_set(tmp_path / "pics", "train", image_root=tmp_path)
+
+
+def test_predictions_of_a_chosen_rank(tmp_path, caplog):
+    import logging
+
+    from captioner.cli import main
+
+    (tmp_path / "out.csv").write_text("image,rank,caption\na.png,0,a cat\na.png,1,a dog\na.png,2,a cow\n"
+                                      "b.png,0,b zero\nb.png,1,b one\nb.png,2,b two\n")
+    with caplog.at_level(logging.INFO, logger="captioner"):
+        assert read_predictions(tmp_path / "out.csv") == {"a.png": "a cat", "b.png": "b zero"}
+    assert "3 captions per item (ranks 0-2); scoring rank 0" in caplog.text
+    assert read_predictions(tmp_path / "out.csv", rank=2) == {"a.png": "a cow", "b.png": "b two"}
+    with pytest.raises(DataError, match=r"no predictions of rank 3 \(the file has ranks 0-2\)"):
+        read_predictions(tmp_path / "out.csv", rank=3)
+    (tmp_path / "only2.csv").write_text("image,rank,caption\na.png,2,a cow\n")
+    with pytest.raises(DataError, match=r"no predictions of rank 0 \(the file has ranks 2\)"):
+        read_predictions(tmp_path / "only2.csv")
+    assert read_predictions(tmp_path / "only2.csv", rank=2) == {"a.png": "a cow"}
+    (tmp_path / "out.jsonl").write_text(json.dumps({"image": "a.png", "caption": "x", "captions": ["x", "y"]}) + "\n")
+    assert read_predictions(tmp_path / "out.jsonl", rank=1) == {"a.png": "y"}
+    (tmp_path / "refs.csv").write_text("image,caption\na.png,a cow\nb.png,b two\n")
+    assert main(["score", "--predictions", str(tmp_path / "out.csv"), "--references", str(tmp_path / "refs.csv"),
+                 "--rank", "2", "-o", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["corpus"]["ROUGE_L"] > 0.99  # rank 2 matches exactly

@@ -145,3 +145,22 @@ def test_sharded_captioning_of_image_audio_pairs(make_captioner, tmp_path, monke
              for k in ("p0", "p1", "s2", "i3")]
     expected = [c[0] for _, c, _ in cap.iter_captions(items, decode=GREEDY)]
     assert [rows[k] for k in ("p0", "p1", "s2", "i3")] == expected
+
+
+def test_worker_count_defaults_from_the_cpus_this_process_may_use(make_captioner, mixed, monkeypatch):
+    import os
+
+    from captioner.inputs import loader
+
+    for cpus, workers in ((1, 0), (2, 1), (3, 2), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert loader.default_workers() == workers
+    asked = []
+    real = loader.DataLoader
+    monkeypatch.setattr(loader, "DataLoader", lambda *a, **kw: asked.append(kw["num_workers"]) or real(*a, **kw))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    cap = make_captioner()
+    list(cap.iter_captions(mixed[:1], decode=DecodeConfig(strategy="greedy", max_new_tokens=2)))
+    list(cap.iter_captions(mixed[:1], decode=DecodeConfig(strategy="greedy", max_new_tokens=2),
+                           num_workers=1))
+    assert asked == [0, 1]  # the default from one CPU: read in-process; an explicit value stays

@@ -164,7 +164,7 @@ def test_errors_file_follows_the_output_rules(captioner, tmp_path):
     log = tmp_path / "errors.jsonl"
     log.write_text('{"image": "old.png", "error": "old.png: not an image"}\n')
     result = _caption(captioner, images, tmp_path / "out3.jsonl", errors=log, resume=True)
-    assert result.captioned == 1 and log.read_text() == ""  # ours: replaced by this run's (no) failures
+    assert result.captioned == 1 and not log.exists()  # ours: replaced by this run's (no) failures: removed
     with pytest.raises(OutputError, match="left untouched"):
         ErrorLog(images[0], resume=True)
 
@@ -228,8 +228,43 @@ def test_os_errors_are_file_system_errors(captioner, tmp_path):
     from captioner.errors import FileSystemError
 
     images = _images(tmp_path / "imgs", ["a.png"])
-    with pytest.raises(FileSystemError, match="no-such-folder.*cannot create"):
-        _caption(captioner, images, tmp_path / "no-such-folder" / "out.jsonl")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileSystemError, match="a-file.*cannot create"):  # (a missing folder is created)
+        _caption(captioner, images, tmp_path / "a-file" / "sub" / "out.jsonl")
     from captioner.shards.merge import merge
     with pytest.raises(OutputError, match="no such folder"):
         merge(tmp_path / "no-such-run")
+
+
+def test_clean_run_leaves_no_errors_file_and_removes_a_stale_one(captioner, tmp_path):
+    images = _images(tmp_path / "imgs", ["a.png", "b.png"])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out.jsonl"
+    errors = Path(f"{out}.errors.jsonl")
+    first = _caption(captioner, images, out)
+    assert first.failed == 0 and first.errors_path is None and not errors.exists()
+    failed = _caption(captioner, [str(bad)], out, resume=True)
+    assert failed.errors_path == errors and [e["image"] for e in _rows(errors)] == [str(bad)]
+    bad.unlink()
+    _images(tmp_path, ["bad.png"])  # fixed: the next run captions it, and the stale errors file goes
+    fixed = _caption(captioner, [*images, str(bad)], out, overwrite=True)
+    assert (fixed.captioned, fixed.failed) == (3, 0) and not errors.exists()
+    precious = tmp_path / "notes.jsonl"
+    precious.write_text("not ours\n")
+    with pytest.raises(OutputError, match="left untouched"):
+        _caption(captioner, images, tmp_path / "out2.jsonl", errors=precious, resume=True)
+    assert precious.read_text() == "not ours\n"  # a file not ours is never removed
+
+
+def test_missing_output_folders_are_created(model_dir, tmp_path, capsys):
+    from captioner.cli import main
+
+    images = _images(tmp_path / "imgs", ["a.png"])
+    out = tmp_path / "new" / "deeper" / "caps.jsonl"
+    assert main(["caption", *images, "--model", str(model_dir), "-o", str(out), *GREEDY]) == 0
+    assert [r["image"] for r in _rows(out)] == images
+    errors = tmp_path / "elsewhere" / "errs.jsonl"
+    assert main(["caption", *images, str(tmp_path / "nope.png"), "--model", str(model_dir), "-o",
+                 str(tmp_path / "b" / "caps.csv"), "--errors", str(errors), *GREEDY]) == 1
+    assert [e["image"] for e in _rows(errors)] == [str(tmp_path / "nope.png")]

@@ -40,11 +40,11 @@ def row_inputs(row: dict, image_key: str | None, audio_key: str | None) -> dict[
 
 
 def _table_rows(path: Path, image_columns: Sequence[str], audio_columns: Sequence[str],
-                caption_columns: Sequence[str], bad: Reporter
+                caption_columns: Sequence[str], bad: Reporter, audio_required: bool
                 ) -> Iterator[tuple[str, dict, str | None, str | None, list[str]]]:
     """(where, row, image key, audio key, caption keys) for each table row; keys are None (captions: [])
     when the row (a JSONL line) or the header (CSV/TSV) lacks them. A header needs a caption column and an
-    image or audio column; an audio column named by the caller (the only candidate) must be there."""
+    image or audio column; an audio column named by the caller (`audio_required`) must be there."""
     fmt = table_format(path)
     table = read_table(path, bad, f"a {fmt.upper()} caption table", fmt=fmt)
     if table.header is None:
@@ -54,7 +54,7 @@ def _table_rows(path: Path, image_columns: Sequence[str], audio_columns: Sequenc
     header = table.header
     image_key, audio_key, captions_at = table_keys(header, image_columns, audio_columns, caption_columns)
     has = f"the header has {', '.join(map(short, header))}"
-    if audio_key is None and len(audio_columns) == 1:
+    if audio_key is None and audio_required:
         raise DataError(f"{table.where()}: no audio column {audio_columns[0]!r} ({has})")
     if image_key is None and audio_key is None:
         nor = f"; nor an audio column: {', '.join(map(repr, audio_columns))}" if audio_columns else ""
@@ -69,19 +69,20 @@ def _table_rows(path: Path, image_columns: Sequence[str], audio_columns: Sequenc
 
 def read_rows(path: Path, *, image_columns: Sequence[str], caption_columns: Sequence[str],
               audio_columns: Sequence[str] = (), strict: bool, require_images: bool, split: str,
-              image_id: Callable[[str], str] | None = None) -> tuple[list[CaptionExample], ReadReport]:
+              audio_required: bool = False, image_id: Callable[[str], str] | None = None,
+              image_root: str | Path | None = None) -> tuple[list[CaptionExample], ReadReport]:
     """Shared body of `read_caption_table` and the imagefolder readers. Each row needs a caption and an
     image or audio path; the id comes from the image path, else the audio path (`image_id` of it, default:
     the path normalised). Rows with the same id are one example, their captions merged, the first row's
     files kept (a row naming another file under that id is reported). A row with both 'caption' and 'captions' gives both (noted)."""
     report = ReadReport(source=str(path))
     bad = Reporter(report, strict)
-    root = path.parent
+    roots = {"image": Path(image_root) if image_root is not None else path.parent, "audio": path.parent}
     examples: list[CaptionExample] = []
     by_id: dict[str, tuple[str, CaptionExample]] = {}  # id -> (where first seen, example)
     merged_columns = False
     for where, row, image_key, audio_key, captions_at in _table_rows(path, image_columns, audio_columns,
-                                                                      caption_columns, bad):
+                                                                      caption_columns, bad, audio_required):
         cells = row_inputs(row, image_key, audio_key)
         if not cells:  # (an empty cell counts as no field where audio may stand in for the image)
             audio = f" or an audio field ({' or '.join(map(repr, audio_columns))})" if audio_columns else ""
@@ -100,7 +101,7 @@ def read_rows(path: Path, *, image_columns: Sequence[str], caption_columns: Sequ
         paths: dict[str, str] = {}
         for modality, name in cells.items():
             if reason is None:
-                paths[modality], reason = check_file(root, name, must_exist=require_images, what=modality)
+                paths[modality], reason = check_file(roots[modality], name, must_exist=require_images, what=modality)
         if reason is not None:
             bad(where, reason)
             continue
@@ -122,11 +123,12 @@ def read_rows(path: Path, *, image_columns: Sequence[str], caption_columns: Sequ
 
 
 def read_caption_table(path: str | Path, *, image_column: str | None = "image", caption_column: str | None = "caption",
-                       audio_column: str | None = None, strict: bool = False, require_images: bool = True
-                       ) -> tuple[list[CaptionExample], ReadReport]:
+                       audio_column: str | None = None, strict: bool = False, require_images: bool = True,
+                       image_root: str | Path | None = None) -> tuple[list[CaptionExample], ReadReport]:
     """A CSV, TSV (extension .tsv, or more tabs than commas in the header) or JSONL (extension .jsonl, or
     content starting with '{') table with one caption per row; rows naming the same item are grouped in
-    first-seen order. Image paths are relative to the table's folder; the image id is that path,
+    first-seen order. Image paths are relative to `image_root` (default: the table's folder) and must stay
+    inside it; the image id is that path,
     normalised ('./a.jpg' -> 'a.jpg'). An imagefolder `metadata.csv` reads with image_column="file_name".
     A column of None is auto-detected (`columns.TABLE_IMAGE_COLUMNS`, `columns.CAPTION_COLUMNS`). JSONL
     rows may hold a list of captions. Problems carry the file's own line numbers (a quoted CSV field may
@@ -142,4 +144,5 @@ def read_caption_table(path: str | Path, *, image_column: str | None = "image", 
     return read_rows(path, image_columns=(image_column,) if image_column else TABLE_IMAGE_COLUMNS,
                      audio_columns=(audio_column,) if audio_column else AUDIO_COLUMNS,
                      caption_columns=(caption_column,) if caption_column else CAPTION_COLUMNS,
-                     strict=strict, require_images=require_images, split=path.stem)
+                     strict=strict, require_images=require_images, split=path.stem,
+                     audio_required=audio_column is not None, image_root=image_root)

@@ -1,5 +1,5 @@
 """Folders: the one folder walker and the file extensions it looks for, input collection for captioning
-(`collect_images`, `collect_audio`), and HF imagefolder caption sets (`read_imagefolder`).
+(`collect_images`, `collect_audio`), and HF imagefolder caption sets (`read_imagefolder`, `metadata_file`).
 """
 
 from __future__ import annotations
@@ -62,24 +62,41 @@ def _collect(inputs: Sequence[str], extensions: Sequence[str], what: str) -> tup
     return paths, errors
 
 
+# Hugging Face imagefolder metadata file names, in the order they are looked for (datasets reads all three).
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+def metadata_file(folder: str | Path) -> Path | None:
+    """The imagefolder metadata file in `folder` (one of `METADATA_NAMES`), None when there is none; two of
+    them is a DataError (which one holds the captions would be a guess)."""
+    found = [Path(folder) / name for name in METADATA_NAMES if (Path(folder) / name).is_file()]
+    if len(found) > 1:
+        raise DataError(f"{folder}: holds {' and '.join(p.name for p in found)}; keep one metadata file")
+    return found[0] if found else None
+
+
 def read_imagefolder(root: str | Path, split: str | None = None, *, strict: bool = False
                      ) -> tuple[list[CaptionExample], ReadReport]:
-    """HF imagefolder layout: `root[/split]/metadata.jsonl`, one JSON object per line with `file_name` (an
-    image), `audio_file` (a sound) or both, and `captions` (a list) and/or `caption` (a string). Paths are
-    relative to the metadata's folder and must stay inside it. The id is the stem of `file_name`, else of
-    `audio_file`, prefixed with "split/" when a split is given. Rows naming one file are one example
-    (their captions merged)."""
+    """HF imagefolder layout: `root[/split]/metadata.jsonl` (or `metadata.csv`, or `metadata.parquet`), one row
+    per object with `file_name` (an image), `audio_file` (a sound) or both, and `captions` (a list; in a CSV
+    one caption) and/or `caption` (a string). Paths are relative to the metadata's folder and must stay
+    inside it. The id is the stem of `file_name`, else of `audio_file`, prefixed with "split/" when a split
+    is given. Rows naming one file are one example (their captions merged: a CSV has one row per caption)."""
     folder = Path(root) / split if split else Path(root)
-    if not (folder / "metadata.jsonl").exists():
-        raise DataError(f"{folder / 'metadata.jsonl'}: missing (an imagefolder caption set needs metadata.jsonl)")
+    if metadata_file(folder) is None:
+        raise DataError(f"{folder / 'metadata.jsonl'}: missing (an imagefolder caption set needs metadata.jsonl, "
+                        "metadata.csv or metadata.parquet)")
     return imagefolder_table(folder, split, strict=strict, require_files=True)
 
 
 def imagefolder_table(folder: Path, split: str | None, *, strict: bool, require_files: bool
                       ) -> tuple[list[CaptionExample], ReadReport]:
-    """`folder/metadata.jsonl` as `read_imagefolder` reads it: ids 'split/stem' (or 'stem' without a split)
-    of `file_name`, else of `audio_file`."""
-    return read_rows(folder / "metadata.jsonl", image_columns=IMAGEFOLDER_IMAGE_COLUMNS,
+    """`folder`'s metadata file (`metadata_file`) as `read_imagefolder` reads it: ids 'split/stem' (or 'stem'
+    without a split) of `file_name`, else of `audio_file`."""
+    meta = metadata_file(folder)
+    if meta is None:
+        raise DataError(f"{folder}: holds no {', '.join(METADATA_NAMES)}")
+    return read_rows(meta, image_columns=IMAGEFOLDER_IMAGE_COLUMNS,
                      audio_columns=IMAGEFOLDER_AUDIO_COLUMNS, caption_columns=IMAGEFOLDER_CAPTION_COLUMNS,
                      strict=strict, require_images=require_files, split=split or "train",
                      image_id=lambda name: f"{split}/{Path(name).stem}" if split else Path(name).stem)

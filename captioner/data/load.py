@@ -10,16 +10,18 @@ from captioner.data.audio_sets import audio_csv_reader
 from captioner.data.caption_tables import read_caption_table
 from captioner.data.coco import coco_from_data, json_kind, karpathy_from_data
 from captioner.data.examples import CaptionExample, ReadReport
-from captioner.data.folders import imagefolder_table, read_imagefolder
+from captioner.data.folders import imagefolder_table, metadata_file, read_imagefolder
 from captioner.data.hf import HF_PREFIX, is_saved_hf_dataset, read_hf_dataset
 from captioner.data.tables import TABLE_SUFFIXES, load_json
 from captioner.errors import DataError
 
 _REFERENCE_FORMATS = ("COCO captions JSON ('images' + 'annotations'), Karpathy split JSON ('images' with "
-                      "'sentences'), an imagefolder directory (metadata.jsonl, optionally in a split folder), "
+                      "'sentences'), an imagefolder directory (metadata.jsonl/.csv/.parquet, optionally in a split "
+                      "folder), "
                       "a Clotho or AudioCaps captions .csv, or a .csv/.tsv/.jsonl table with image and/or audio "
                       "and caption columns")
-_CAPTION_SET_FORMATS = ("an imagefolder directory (metadata.jsonl), a COCO captions or Karpathy split .json, "
+_CAPTION_SET_FORMATS = ("an imagefolder directory (metadata.jsonl/.csv/.parquet), a COCO captions or Karpathy "
+                        "split .json, "
                         "a Clotho (file_name,caption_1,...) or AudioCaps (audiocap_id,youtube_id,start_time,"
                         "caption) .csv, a .csv/.tsv/.jsonl table with image and/or audio columns, or a "
                         "`datasets` dataset with images (a save_to_disk directory, a .parquet/.arrow file, or "
@@ -36,8 +38,8 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
     content (a COCO file is one split already: `split` only labels its examples); a .csv whose header is
     Clotho's or AudioCaps' -> `read_clotho` / `read_audiocaps` (one split already, like COCO); other
     .csv/.tsv/.jsonl -> `read_caption_table` (columns auto-detected unless named; `audio_column` names its
-    audio column, here and for `datasets` datasets). `image_root` (COCO/Karpathy only; default: the JSON's
-    folder) is where image paths start; `audio_root` (Clotho/AudioCaps only; default: the CSV's folder) is
+    audio column, here and for `datasets` datasets). `image_root` (COCO/Karpathy JSON and caption tables;
+    default: the file's folder) is where image paths start (and must stay inside); `audio_root` (Clotho/AudioCaps only; default: the CSV's folder) is
     where audio files are. Images and audio files must exist.
 
     `read_hf_dataset` (a `datasets` dataset with images and/or audio; `cache_dir` is where images and sounds
@@ -47,10 +49,11 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
 
     Rows naming one item (same id) are one example with the captions of all of them, in every format."""
     path = Path(spec)
-    if image_root is not None and (str(spec).startswith(HF_PREFIX) or path.is_dir() or path.suffix.lower() != ".json"):
-        raise DataError(f"{path}: an image root applies only to COCO/Karpathy JSON files (image paths of an "
-                        "imagefolder or a table are relative to its own folder)")
     audio_reader = audio_csv_reader(path)
+    if image_root is not None and (str(spec).startswith(HF_PREFIX) or path.is_dir() or audio_reader is not None
+                                   or path.suffix.lower() not in (".json", *TABLE_SUFFIXES)):
+        raise DataError(f"{path}: an image root applies only to COCO/Karpathy JSON files and caption tables "
+                        "(image paths of an imagefolder are relative to its own folder)")
     if audio_root is not None and audio_reader is None:
         raise DataError(f"{path}: an audio root applies only to Clotho and AudioCaps CSV files (audio paths of an "
                         "imagefolder or a table are relative to its own folder)")
@@ -83,7 +86,7 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
         examples, report = audio_reader(path, audio_root, strict=strict)
     elif ext in TABLE_SUFFIXES:
         examples, report = read_caption_table(path, image_column=image_column, caption_column=caption_column,
-                                              audio_column=audio_column, strict=strict)
+                                              audio_column=audio_column, strict=strict, image_root=image_root)
     else:
         raise DataError(f"{path}: unknown caption-set format; accepted caption sets: {_CAPTION_SET_FORMATS}")
     if split:
@@ -94,18 +97,18 @@ def load_caption_set(spec: str | Path, split: str | None, *, strict: bool = Fals
 def load_references(path: str | Path, *, split: str = "test") -> dict[str, list[str]]:
     """Reference captions for scoring, {item id: [captions]}, from any of: a COCO captions JSON (has
     'annotations'), a Karpathy split JSON (its `split`), an imagefolder directory (path/split/metadata.jsonl,
-    else path/metadata.jsonl; image and/or audio rows), a Clotho or AudioCaps captions CSV (by its header;
-    one split already) or a .csv/.tsv/.jsonl table (columns auto-detected). Image and audio files need not
+    else path/metadata.jsonl; or metadata.csv/.parquet; image and/or audio rows), a Clotho or AudioCaps
+    captions CSV (by its header; one split already) or a .csv/.tsv/.jsonl table (columns auto-detected). Image and audio files need not
     exist. Problem rows are logged and skipped; an unknown format is a DataError listing the accepted ones."""
     path = Path(path)
     audio_reader = audio_csv_reader(path)
     if path.is_dir():
-        if (path / split / "metadata.jsonl").is_file():
+        if metadata_file(path / split) is not None:
             examples, _ = imagefolder_table(path / split, split, strict=False, require_files=False)
-        elif (path / "metadata.jsonl").is_file():
+        elif metadata_file(path) is not None:
             examples, _ = imagefolder_table(path, None, strict=False, require_files=False)
         else:
-            raise DataError(f"{path}: directory holds no metadata.jsonl (nor {split}/metadata.jsonl); "
+            raise DataError(f"{path}: directory holds no metadata.jsonl/.csv/.parquet (nor in {split}/); "
                             f"accepted reference formats: {_REFERENCE_FORMATS}")
     elif not path.exists():
         raise DataError(f"{path}: no such file or directory")

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path, PurePath
 from typing import Iterable, Iterator
 
@@ -13,11 +14,15 @@ from captioner.data.examples import MAX_NAME_CHARS, MAX_PATH_BYTES, ReadReport, 
 from captioner.data.tables import TABLE_SUFFIXES, head, load_json, read_table
 from captioner.errors import DataError
 
+logger = logging.getLogger(__name__)
 
-def read_predictions(path: str | Path) -> dict[str, str]:
+
+def read_predictions(path: str | Path, *, rank: int = 0) -> dict[str, str]:
     """Predicted captions for scoring, {image id: caption}, from a COCO results JSON
     (`[{"image_id", "caption"}]`), JSONL (one object per line, as `captioner caption` writes) or CSV/TSV
-    (header with caption and an id column; with a 'rank' column only rank 0 rows count). The id is the
+    (header with caption and an id column). Files with several captions per item (`captioner caption
+    --num-captions N`: a CSV 'rank' column, JSONL 'captions' lists) give the captions of `rank` (default 0,
+    the best); which rank is scored is logged, and a rank no row has is a DataError naming the ranks there. The id is the
     first of `columns.PREDICTION_ID_COLUMNS` present (image_id, id, or an image or audio path column), as a
     string. Any problem is a DataError naming the file and the line (JSONL, CSV) or entry index (JSON):
     predictions are all-or-nothing. Captions are cleaned like references (`examples.clean_caption`)."""
@@ -25,6 +30,7 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     ext = path.suffix.lower()
     start = head(path).lstrip()[:1]
     entries: Iterable[tuple[str, str, object]]  # (where, short location, entry)
+    ranks: set[int] = set()  # ranks present in a file with several captions per item
     if ext == ".json" or (ext not in TABLE_SUFFIXES and start == b"["):
         data = load_json(path)
         if not isinstance(data, list):
@@ -33,7 +39,7 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     else:
         fmt = "jsonl" if ext in (".jsonl", ".ndjson") or (ext not in TABLE_SUFFIXES and start == b"{") else None
         table = read_table(path, raise_bad, "a CSV of predictions (image_id,caption)", fmt=fmt)
-        entries = _prediction_rows(table)
+        entries = _prediction_rows(table, rank, ranks)
     predictions: dict[str, str] = {}
     first: dict[str, str] = {}
     for where, label, entry in entries:
@@ -56,16 +62,35 @@ def read_predictions(path: str | Path) -> dict[str, str]:
             raise DataError(f"{where}: duplicate image_id {short(image_id)} (first at {first[image_id]})")
         predictions[image_id] = clean_caption(caption)[0]
         first[image_id] = label
+    if ranks:
+        if rank not in ranks:
+            raise DataError(f"{path}: no predictions of rank {rank} (the file has ranks {_span(ranks)})")
+        logger.info("%s: %d captions per item (ranks %s); scoring rank %d", path, len(ranks), _span(ranks), rank)
+    elif rank:
+        raise DataError(f"{path}: one caption per item (no ranks); only rank 0 can be scored")
     if not predictions:
         raise DataError(f"{path}: no predictions")
     return predictions
 
 
-def _prediction_rows(table) -> Iterator[tuple[str, str, dict]]:
+def _span(ranks: set[int]) -> str:
+    return f"{min(ranks)}-{max(ranks)}" if len(ranks) > 1 else str(min(ranks))
+
+
+def _prediction_rows(table, rank: int, ranks: set[int]) -> Iterator[tuple[str, str, dict]]:
     """(where, "line N", row) of a JSONL or CSV/TSV predictions table; CSV rows keep the id and caption
-    columns, and only rank 0 where there is a 'rank' column."""
+    columns, and only `rank` where there is a 'rank' column; a JSONL row with a 'captions' list gives its
+    `rank`th caption. The ranks seen are added to `ranks`."""
     if table.header is None:
         for where, row in table.rows:
+            captions = row.get("captions")
+            if isinstance(captions, list) and captions:
+                ranks.update(range(len(captions)))
+                if rank >= len(captions):
+                    continue
+                row = {**row, "caption": captions[rank]}
+            elif rank:
+                continue  # one caption: it is rank 0
             yield where, f"line {where.rsplit(':', 1)[1]}", row
         return
     key = first_present(table.header, PREDICTION_ID_COLUMNS)
@@ -73,8 +98,13 @@ def _prediction_rows(table) -> Iterator[tuple[str, str, dict]]:
         raise DataError(f"{table.where()}: header needs 'caption' and an id column (one of "
                         f"{', '.join(map(repr, PREDICTION_ID_COLUMNS))}); it has {', '.join(map(short, table.header))}")
     for where, record in table.rows:
-        if record.get("rank", "0").strip() not in ("0", ""):
-            continue  # `captioner caption --num-captions N` writes N ranked rows per image: rank 0 is the caption
+        if "rank" in record:  # `captioner caption --num-captions N` writes N ranked rows per image
+            value = record["rank"].strip() or "0"
+            if not value.isdigit():
+                raise DataError(f"{where}: rank must be a whole number, not {short(value)}")
+            ranks.add(int(value))
+            if int(value) != rank:
+                continue
         yield where, f"line {where.rsplit(':', 1)[1]}", {key: record[key], "caption": record["caption"]}
 
 

@@ -1,9 +1,9 @@
-"""The one table reader: CSV, TSV and JSONL files -> rows, with FILE:LINE for every problem; and whole
+"""The one table reader: CSV, TSV, JSONL (and parquet) files -> rows, with FILE:LINE for every problem; and whole
 JSON documents.
 
 `read_table` streams a table's rows as (where, {column: value}): CSV/TSV rows against the header row
 (fields as strings; undecodable bytes become lone surrogates, see `examples.is_utf8`), JSONL lines as
-JSON objects. Lines are split by "\\n" only (a quoted CSV field may span lines; the row's first line is
+JSON objects, parquet rows as dicts ("FILE:row N"). Lines are split by "\\n" only (a quoted CSV field may span lines; the row's first line is
 given). A problem row goes to `bad(where, reason)` (report and skip, or raise) and reading goes on.
 Caption sets, predictions, input tables and shard tables all read their tables here.
 """
@@ -83,8 +83,11 @@ def load_json(path: Path):
 
 
 def table_format(path: Path) -> str:
-    """'jsonl', 'tsv' or 'csv': by extension, else by content (a leading '{', more tabs than commas)."""
+    """'jsonl', 'tsv', 'parquet' or 'csv': by extension, else by content (a leading '{', more tabs than
+    commas)."""
     ext = path.suffix.lower()
+    if ext == ".parquet":
+        return "parquet"
     if ext in (".jsonl", ".ndjson"):
         return "jsonl"
     if ext == ".tsv":
@@ -101,7 +104,7 @@ class Table:
     """An open table: `rows` yields (where, row) once; `header` is None for JSONL (each row has its keys)."""
 
     path: Path
-    fmt: str  # "csv", "tsv" or "jsonl"
+    fmt: str  # "csv", "tsv", "jsonl" or "parquet"
     header_line: int | None
     header: list[str] | None
     rows: Iterator[tuple[str, dict]]
@@ -115,9 +118,13 @@ def read_table(path: str | Path, bad: Bad, what: str, *, fmt: str | None = None,
     """Open a CSV/TSV/JSONL table (`fmt`, default `table_format`). A CSV/TSV needs a header row (an empty
     file is a DataError saying `what` needs one); a repeated column name means its first one. Rows with
     another number of fields than the header, malformed CSV, undecodable or non-object JSONL lines go to
-    `bad`; blank lines are skipped. Files over `max_bytes` are refused (None: no limit, rows stream)."""
+    `bad`; blank lines are skipped. Files over `max_bytes` are refused (None: no limit, rows stream). A
+    parquet table (pyarrow) has rows like JSONL's: header None, cells as Python values."""
     path = Path(path)
     fmt = fmt or table_format(path)
+    if fmt == "parquet":
+        _open(path, max_bytes).close()  # the same missing/unreadable/too-large errors as the text formats
+        return Table(path, fmt, None, None, _parquet_rows(path))
     f = _open(path, max_bytes)
     if fmt == "jsonl":
         return Table(path, fmt, None, None, _jsonl_rows(path, f, bad))
@@ -158,6 +165,20 @@ def _jsonl_rows(path: Path, f, bad: Bad) -> Iterator[tuple[str, dict]]:
                 bad(where, "row must be a JSON object")
                 continue
             yield where, row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(FILE:row N, row) for each parquet row, read in record batches."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"{path}:row {n}", row
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
 
 
 def _csv_records(path: Path, text: io.TextIOWrapper, delimiter: str, bad: Bad) -> Iterator[tuple[int, list[str]]]:

@@ -138,10 +138,23 @@ class InputStream(IterableDataset):
             yield (key, None, InputError(error)) if error is not None else self.reader.read(key, item, name)
 
 
-def load_batches(dataset: Dataset, *, batch_size: int, num_workers: int = 0, pipeline: JpegPipeline | None = None,
-                 pin_memory: bool = False) -> Iterator[list[Row]]:
-    """Batches of rows in input order, read by `num_workers` DataLoader workers (0: in this process) while
-    the caller works on the previous batch; JPEGs left encoded are decoded on the device per batch."""
+def default_workers() -> int:
+    """DataLoader workers when none are asked for: one per CPU this process may use (its affinity, not the
+    machine's count), one CPU left to the process that captions, at most 4; 0 (read in-process) on one CPU."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus - 1))
+
+
+def load_batches(dataset: Dataset, *, batch_size: int, num_workers: int | None = 0,
+                 pipeline: JpegPipeline | None = None, pin_memory: bool = False) -> Iterator[list[Row]]:
+    """Batches of rows in input order, read by `num_workers` DataLoader workers (0: in this process; None:
+    `default_workers()`) while the caller works on the previous batch; JPEGs left encoded are decoded on
+    the device per batch."""
+    if num_workers is None:
+        num_workers = default_workers()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
                         pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
     for batch in loader:

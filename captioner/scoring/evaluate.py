@@ -136,15 +136,16 @@ def evaluate_captioner(captioner, examples: Sequence, *, decode: DecodeConfig | 
 
 
 def score_files(predictions: str | Path, references: str | Path, *, split: str = "test", spice: bool = False,
-                output: str | Path | None = None):
+                output: str | Path | None = None, rank: int = 0):
     """Score a predictions file (COCO results JSON, JSONL or CSV) against references (COCO captions JSON,
     Karpathy split JSON, imagefolder, table): `metrics.CaptionScores`; with `output`, also a JSON file of
-    the corpus and per-image scores."""
+    the corpus and per-image scores. rank: which caption of a file with several per item is scored
+    (`read_predictions`)."""
     from captioner.data import load_references, match_prediction_ids, read_predictions
     from captioner.scoring.metrics import score_captions
 
     refs = load_references(references, split=split)
-    preds = match_prediction_ids(read_predictions(predictions), refs, source=str(predictions))
+    preds = match_prediction_ids(read_predictions(predictions, rank=rank), refs, source=str(predictions))
     metrics = (*DEFAULT_METRICS, *(("SPICE",) if spice else ()))
     scores = score_captions(preds, {k: refs[k] for k in preds}, metrics=metrics)
     if output is not None:

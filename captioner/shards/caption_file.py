@@ -1,7 +1,7 @@
 """The caption-to-file workflow (what `captioner caption -o FILE` runs), callable from Python.
 
-`caption_to_file(captioner, items, output)` captions many inputs into a JSONL or CSV result file a
-batch at a time, resumes an interrupted file (inputs already in it are skipped, matched by their
+`caption_to_file(captioner, items, output)` captions many inputs into a JSONL or CSV result file (its
+missing folders created) a batch at a time, resumes an interrupted file (inputs already in it are skipped, matched by their
 resolved path, so `imgs/a.png` and `/abs/imgs/a.png` are the same input), lists failures in an
 errors file, and returns the counts in a `CaptionFileResult`. The output and the errors file are
 never one of the inputs, never each other, and an existing one is modified only when it is one of
@@ -30,7 +30,7 @@ class CaptionFileResult:
     """What a caption-to-file run did: `failures` holds one "NAME: REASON" line per failed input."""
 
     output: Path | None
-    errors_path: Path | None
+    errors_path: Path | None  # None when nothing failed (no errors file is left)
     captioned: int = 0
     skipped: int = 0  # already in the output (resume)
     failures: list[str] = field(default_factory=list)
@@ -86,7 +86,7 @@ def caption_to_file(captioner, items: Sequence[str | dict], output: str | os.Pat
 
     resume: continue an existing result file, captioning only the inputs not in it. overwrite: replace an
     existing file. errors: the errors file (default OUTPUT.errors.jsonl), rewritten with this run's
-    failures; `failures` are problems found while collecting the inputs ("NAME: REASON"), listed there
+    failures (none: no errors file, and one left by an earlier run is removed; `errors_path` is then None); `failures` are problems found while collecting the inputs ("NAME: REASON"), listed there
     too. other_inputs: more files the run reads (e.g. an input table), which no target may be.
     """
     from tqdm.auto import tqdm
@@ -140,4 +140,6 @@ def caption_to_file(captioner, items: Sequence[str | dict], output: str | os.Pat
         if writer:
             writer.close()
             log.close()
+    if log is not None and not log.count:
+        result.errors_path = None  # no failures: the log removed its file
     return result

@@ -18,7 +18,9 @@ escape "\\udcXY", so `os.fsencode(json.loads(line)["image"])` gives back the exa
 hold such names as their raw bytes (read them with errors="surrogateescape").
 
 Failures go to a separate errors file (JSONL: id, error) of the latest run, which follows the same
-rules as the output (exists -> only replaced on resume or overwrite, and only if it is one of ours).
+rules as the output (exists -> only replaced on resume or overwrite, and only if it is one of ours). A run
+without failures leaves no errors file: the (empty) file is removed when the log closes, so a stale
+one of an earlier run of the same output goes too.
 """
 
 from __future__ import annotations
@@ -71,7 +73,12 @@ def _fs_error(path: Path, action: str, e: OSError) -> FileSystemError:
 
 def open_locked(path: Path, *, resume: bool, overwrite: bool) -> tuple[BinaryIO, bool]:
     """Open `path` for reading and writing without truncating it, under an exclusive lock; returns
-    (file, existed). A new file is created with O_EXCL; an existing one only with resume or overwrite."""
+    (file, existed). A new file is created with O_EXCL (and its missing parent folders); an existing one
+    only with resume or overwrite."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _fs_error(path.parent, "create the folder", e) from None
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         existed = False
@@ -239,7 +246,7 @@ class ErrorLog:
     """Failures of this run, one JSON line each ({id_field, **extra, error}), flushed as they happen.
 
     An existing file is replaced only with resume or overwrite, and with resume only when every
-    complete line of it is one of our error rows."""
+    complete line of it is one of our error rows. Closed without a row, the file is removed."""
 
     def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False, id_field: str = "image"):
         self.path, self.id_field = Path(path), id_field
@@ -283,4 +290,17 @@ class ErrorLog:
         pass  # every row is flushed as it is added
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            if self.count == 0:
+                self._remove_empty()
+        finally:
+            self.f.close()
+
+    def _remove_empty(self) -> None:
+        """Unlink our file (still locked) when it is empty and still the file at `path`."""
+        try:
+            ours, there = os.fstat(self.f.fileno()), os.stat(self.path)
+            if (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino) and ours.st_size == 0:
+                os.unlink(self.path)
+        except OSError:
+            pass  # an empty errors file left behind is harmless

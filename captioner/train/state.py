@@ -27,6 +27,7 @@ import torch
 
 from captioner.config import TrainConfig, save_json, to_dict
 from captioner.errors import CheckpointError, ConfigError
+from captioner.files import plain_mode
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def save_state(accelerator, out: Path, *, model, optimizer, scheduler, config: T
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+        os.chmod(tmp / "model.safetensors", plain_mode())  # safetensors creates it 0600; others may resume or read it
         scaler = getattr(accelerator, "scaler", None)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
