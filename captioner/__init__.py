@@ -1,7 +1,6 @@
 """captioner: frozen CLIP (+ CLAP/Whisper audio) encoders -> trainable prefix mappers -> causal LM (GPT-2)
 image and audio captioning."""
 
-from captioner.api import Captioner
 from captioner.config import DecodeConfig, ModelConfig
 from captioner.errors import CaptionerError
 
@@ -10,6 +9,12 @@ __all__ = ["Captioner", "CaptionerError", "DecodeConfig", "ModelConfig", "evalua
 
 
 def __getattr__(name: str):
+    # Captioner imports torch, transformers and open_clip (seconds): loaded on first use, so `captioner --help`
+    # and the light modules (config, errors, files) do not pay for them.
+    if name == "Captioner":
+        from captioner.api import Captioner
+
+        return Captioner
     # Scoring imports pycocoevalcap (100 MB with its Java jars): loaded on first use, so captioning and
     # training run where only they are installed (e.g. a GPU box with the model's own dependencies).
     if name == "evaluate":

@@ -42,14 +42,37 @@ def cmd_train(args) -> int:
 
     base = load_config_file(args.config) if args.config else {}
     model_base = base.pop("model", {}) if isinstance(base, dict) else {}
+    if args.preset:  # under the config file and the flags: what is given explicitly wins
+        from captioner.train.presets import preset_fields
+
+        preset_train, preset_model = preset_fields(args.preset)
+        base, model_base = {**preset_train, **base}, {**preset_model, **model_base}
     model = config_from_args(ModelConfig, args, model_base)
     config = config_from_args(TrainConfig, args, base)
     config = dataclasses.replace(config, model=model)
     if not config.data:
         raise CLIError("--data is required (an imagefolder caption set), or give it in --config")
-    best = train(config, argv=["captioner", *args._argv])
+    tokenizer = None
+    if args.preset:
+        from captioner.train.presets import apply_preset
+
+        config, tokenizer = apply_preset(config)
+    best = train(config, tokenizer=tokenizer, argv=["captioner", *args._argv])
     print(f"best captioner saved to {best}" if best.name == "best" else
           f"captioner saved to {best} (no best/: no finite validation score)")
+    return EXIT_OK
+
+
+def cmd_tokenizer(args) -> int:
+    from captioner.train.presets import caption_set_tokenizer
+
+    out = Path(args.output)
+    if (out / "tokenizer.json").exists() and not args.overwrite:
+        raise CLIError(f"{out}: holds a tokenizer; pass --overwrite to replace it")
+    tok = caption_set_tokenizer(args.data, args.split, vocab_size=args.vocab_size,
+                                **{f: getattr(args, f) for f in DATA_FIELDS if hasattr(args, f)})
+    tok.save_pretrained(out)
+    print(f"tokenizer of {len(tok)} tokens saved to {out}")
     return EXIT_OK
 
 
@@ -348,6 +371,8 @@ def add_captioning_flags(p: argparse.ArgumentParser, func) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from captioner.config import TrainConfig
+    from captioner.demo.tiny import TINY_TOKENIZER_VOCAB
+    from captioner.train.presets import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="captioner",
@@ -467,8 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a captioner on a caption set",
                        description="Train the mappers (and optionally the LM) on a caption set of images, sounds or both. "
-                                   "Flags override values from --config.")
+                                   "Flags override values from --config, which override a --preset.")
     p.add_argument("--config", help="JSON or YAML file with TrainConfig fields (and a nested 'model' object)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; " + "; ".join(
+        f"{k}: {v} (--tokenizer DIR uses a saved one)" for k, v in PRESETS.items()))
     add_dataclass_flags(p, TrainConfig, title="training")
     add_dataclass_flags(p, ModelConfig, title="model")
     p.set_defaults(func=cmd_train)
@@ -490,6 +517,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clip-config", type=_parse_json_arg, help="inline open_clip config (JSON or a JSON file) of a custom image encoder "
                    "(with --clip-pretrained none: random, saved with the model)")
     c.set_defaults(func=cmd_convert)
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the captions of a caption set",
+                       description="Train a GPT-2-style byte-level BPE tokenizer on one split's captions and save "
+                                   "it (save_pretrained files), for --tokenizer; fully offline.")
+    p.add_argument("--data", required=True, help="caption set (as for train)")
+    p.add_argument("--split", default="train", help="split whose captions are used (default: train)")
+    p.add_argument("--output", "-o", required=True, help="directory to save the tokenizer in")
+    p.add_argument("--vocab-size", type=positive_int, default=TINY_TOKENIZER_VOCAB,
+                   help=f"tokens in the vocabulary, at most (default: {TINY_TOKENIZER_VOCAB})")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --output")
+    add_dataclass_flags(p, TrainConfig, only=DATA_FIELDS, title="caption set columns and folders")
+    p.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("demo", help="offline demo: generate shapes, train a tiny captioner, caption and score",
                        description="Runs the whole job offline on generated data: a shapes caption set, a tiny "

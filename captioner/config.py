@@ -89,12 +89,15 @@ class ModelConfig:
     )
     clip_pretrained: str | None = _doc(
         "open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k) or a local checkpoint file; "
-        "None means random init (the weights are then saved with the captioner).",
+        "None means random init (the weights are then saved with the captioner). With clip_config only a "
+        "checkpoint file counts: a tag is ignored (random init).",
         default="openai",
     )
     clip_config: dict | None = _doc(
         "Inline open_clip model config ({embed_dim, vision_cfg, ...}) for custom or tiny encoders; "
-        "overrides clip_model. Written automatically when the encoder weights are saved.",
+        "overrides clip_model. Randomly initialised unless clip_pretrained is a checkpoint file (a "
+        "pretrained tag such as the default openai is then ignored). Written automatically when the "
+        "encoder weights are saved.",
         default=None,
     )
     lm: str = _doc(
@@ -103,7 +106,8 @@ class ModelConfig:
     )
     lm_config: dict | None = _doc(
         "Inline transformers config dict to build the LM from scratch (random init), e.g. a tiny "
-        "GPT-2; overrides loading weights from lm. Written automatically when the LM is saved.",
+        "GPT-2; overrides loading weights from lm; its vocab_size must hold every tokenizer id, and it "
+        "must be trained (finetune_lm). Written automatically when the LM is saved.",
         default=None,
     )
     tokenizer: str | None = _doc(
@@ -281,13 +285,18 @@ class TrainConfig:
                                      "none encodes into memory at start.", default=None)
     encode_batch_size: int = _doc("Images per batch when computing image features.", default=64)
     num_workers: int = _doc("DataLoader workers decoding images for feature extraction.", default=2)
-    val_images: int = _doc("Validation images captioned (greedy) each epoch for BLEU-4/CIDEr (0 skips).",
+    val_images: int = _doc("Validation images captioned each epoch for BLEU-4/CIDEr (0 skips).",
                            default=100)
+    val_strategy: str = _doc("Decoding of the validation captions: greedy or beam.", default="beam")
+    val_num_beams: int = _doc("Beams of the validation captions (beam).", default=3)
     save_every: int = _doc("Also save the resumable state every N optimiser steps (0: each epoch only).",
                            default=0)
     val_every: int = _doc("Also validate and save last/ (and best/ when better) every N optimiser steps, for "
                           "long epochs (0: at the end of each epoch only).", default=0)
     resume: bool = _doc("Continue from <output_dir>/state if it exists.", default=False)
+    overwrite: bool = _doc("Start afresh in an output_dir that holds an earlier run: its config, metrics, "
+                           "state and saved captioners are removed first (without this or resume such a "
+                           "folder is refused).", default=False)
     log_every: int = _doc("Log the training loss every N optimiser steps.", default=20)
     max_nonfinite_steps: int = _doc("A step whose loss or gradient is not finite (NaN/inf) is skipped; this many "
                                     "in a row stop training with an error (the weights are saved when still "
@@ -297,13 +306,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.val_strategy not in ("greedy", "beam"):
+            raise ConfigError(f"val_strategy must be greedy or beam, got {self.val_strategy!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         _check_numbers(self, {
             "epochs": ">=1", "max_steps": ">=1", "batch_size": ">=1", "grad_accum_steps": ">=1", "lr": ">0",
             "weight_decay": ">=0f", "warmup_steps": ">=0", "grad_clip": ">=0f", "max_caption_tokens": ">=2",
             "modality_dropout": "0..1", "seed": ">=0", "encode_batch_size": ">=1", "num_workers": ">=0",
-            "val_images": ">=0", "save_every": ">=0", "val_every": ">=0", "log_every": ">=1",
+            "val_images": ">=0", "val_num_beams": ">=1", "save_every": ">=0", "val_every": ">=0", "log_every": ">=1",
             "max_nonfinite_steps": ">=1"})
         if self.seed >= 2 ** 32:  # numpy's seed range
             raise ConfigError(f"seed must be < 2**32, got {self.seed}")

@@ -52,6 +52,13 @@ def parse_int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _with_default(text: str, default) -> str:
+    """Help text with its default appended, unless the text already says it or there is none to show."""
+    if "default" in text.lower() or default == "":
+        return text
+    return f"{text} (default: {'none' if default is None else default})"
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), only=None, title=None) -> None:
     """One flag per field (or per field in `only`); defaults are SUPPRESSed so only flags given by the user
     override a config."""
@@ -71,7 +78,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), only=N
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = _with_default(f.metadata.get("help", ""), default)
         if base is bool:
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)

@@ -330,7 +330,7 @@ def test_unknown_metric_raises():
         score_captions({1: "a"}, {1: ["a"]}, metrics=("BLEURT",), use_java=False)
 
 
-def test_fallback_flags_skip_lines_and_single_warning(monkeypatch, caplog):
+def test_fallback_flags_skip_lines_and_no_java_warning_when_off(monkeypatch, caplog):
     monkeypatch.setattr(metrics, "_fallback_warned", False)
     preds, refs = {1: "a dog", 2: "a cat"}, {1: ["a dog runs"], 2: ["a cat"]}
     with caplog.at_level(logging.WARNING, logger="captioner.scoring.metrics"):
@@ -340,8 +340,24 @@ def test_fallback_flags_skip_lines_and_single_warning(monkeypatch, caplog):
     assert list(first.corpus) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]
     assert first.skipped == ["METEOR skipped: Java disabled (use_java=False)",
                              "SPICE skipped: Java disabled (use_java=False)"]
+    # Java off by the caller's choice (validation during training): no advice to install Java.
+    assert not [r for r in caplog.records if "NOT COCO-exact" in r.getMessage() or "install" in r.getMessage()]
+
+
+def test_missing_java_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(metrics, "_fallback_warned", False)
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="captioner.scoring.metrics"):
+        score_captions({1: "a dog"}, {1: ["a dog"]}, metrics=("BLEU",))
+        score_captions({1: "a dog"}, {1: ["a dog"]}, metrics=("BLEU",))
     warnings = [r for r in caplog.records if "NOT COCO-exact" in r.getMessage()]
-    assert len(warnings) == 1 and "default-jre" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "Java not found" in warnings[0].getMessage()
+
+
+@pytest.mark.skipif(not java_available(), reason="needs Java")
+def test_ptb_tokenizer_keeps_java_chatter_off_the_terminal(capfd):
+    assert metrics._ptb_tokenize({1: ["A dog, running."]}) == {1: ["a dog running"]}
+    assert "tokens per second" not in capfd.readouterr().err
 
 
 def test_missing_java_auto_falls_back_and_use_java_true_raises(monkeypatch):

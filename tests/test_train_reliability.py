@@ -58,7 +58,7 @@ def test_exploding_loss_through_the_cli_exits_with_an_error(data, tmp_path, toke
     rc = main(["train", "--data", str(data), "--output-dir", str(out), "--epochs", "1", "--batch-size", "16",
                "--lr", "1e30", "--warmup-steps", "0", "--val-images", "0", "--clip-config", json.dumps(TINY_CLIP),
                "--clip-pretrained", "none", "--tokenizer", str(tmp_path / "tok"),
-               "--lm-config", json.dumps(tiny_gpt2(len(tokenizer))), "--prefix-length", "4"])
+               "--lm-config", json.dumps(tiny_gpt2(len(tokenizer))), "--prefix-length", "4", "--finetune-lm"])
     captured = capsys.readouterr()
     assert rc == 2 and "best captioner saved" not in captured.out
     lines = [x for x in captured.err.split("\n") if x.startswith("captioner train: error:")]

@@ -24,7 +24,7 @@ from captioner.scoring.metrics import score_captions
 from captioner.scoring.report import write_report
 from captioner.demo.shapes import make_shapes_dataset
 from captioner.demo.sounds import make_scenes_dataset, split_scene_caption
-from captioner.demo.tiny import tiny_config, train_tokenizer
+from captioner.demo.tiny import TINY_TRAIN, tiny_config, train_tokenizer
 from captioner.config import TrainConfig
 from captioner.train.loop import train
 
@@ -47,9 +47,9 @@ def most_frequent_caption(examples) -> str:
 
 
 def demo_train_config(data: Path, output_dir: Path, tokenizer, *, epochs: int, seed: int, **model) -> TrainConfig:
-    return TrainConfig(data=str(data), output_dir=str(output_dir), epochs=epochs, batch_size=64, lr=2e-3,
-                       warmup_steps=30, weight_decay=0.0, seed=seed, val_images=60, log_every=20,
-                       model=tiny_config(tokenizer, **model))
+    # overwrite: a rerun of the demo regenerates its data and starts its run afresh
+    return TrainConfig(data=str(data), output_dir=str(output_dir), epochs=epochs, **TINY_TRAIN, seed=seed,
+                       val_images=60, log_every=20, overwrite=True, model=tiny_config(tokenizer, **model))
 
 
 def run_demo(output_dir: str | Path = "demo_out", *, epochs: int = 12, n_train: int = 600, seed: int = 0

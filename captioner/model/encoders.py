@@ -88,7 +88,11 @@ def build_image_encoder(config: ModelConfig, *, load_weights: bool = True) -> Im
         visual = _build_vision_tower(arch["embed_dim"], arch["vision_cfg"], quick_gelu=arch.get("quick_gelu", False))
         pre = arch.get("preprocess_cfg", {})
         if load_weights and config.clip_pretrained:
-            _load_visual_checkpoint(visual, config.clip_pretrained)
+            if _is_checkpoint_path(config.clip_pretrained):
+                _load_visual_checkpoint(visual, config.clip_pretrained)
+            else:  # a pretrained tag (the default openai) names weights of a named architecture, not of this one
+                logger.info("clip_config without a checkpoint file: the image tower is randomly initialised "
+                            "(clip_pretrained %r ignored)", config.clip_pretrained)
     else:
         pretrained = config.clip_pretrained if load_weights else None
         model, _ = create_open_clip(config.clip_model, pretrained)
@@ -126,6 +130,13 @@ def create_open_clip(model_name: str, pretrained: str | None, *, needs_hub: bool
         raise ModelLoadError(f"could not load open_clip model {model_name!r} with pretrained {pretrained!r}"
                              f"{purpose}: {why}. {hint}") from None
     return model, preprocess
+
+
+def _is_checkpoint_path(value: str) -> bool:
+    """A clip_pretrained value that names a file (existing, or path-like: a folder or a file suffix), not an
+    open_clip pretrained tag such as openai or laion2b_s34b_b79k."""
+    return os.path.exists(value) or os.sep in value or "/" in value or Path(value).suffix.lower() in (
+        ".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def _load_visual_checkpoint(visual: nn.Module, path: str) -> None:

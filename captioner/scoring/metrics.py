@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import subprocess
+import types
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -191,9 +192,28 @@ def simple_tokenize(text: str) -> str:
     return " ".join(t for t in tokens if t not in _PTB_DROPPED)
 
 
+class _QuietPopen(subprocess.Popen):
+    """Popen for pycocoevalcap's PTBTokenizer: Java's stderr ("PTBTokenizer tokenized N tokens at ... tokens
+    per second", on every call) is captured instead of reaching the terminal, and kept for error messages."""
+
+    last_stderr = b""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        super().__init__(*args, **kwargs)
+
+    def communicate(self, *args, **kwargs):
+        out, err = super().communicate(*args, **kwargs)
+        _QuietPopen.last_stderr = err or b""
+        return out, err
+
+
 def _ptb_tokenize(captions: dict[Hashable, list[str]]) -> dict[Hashable, list[str]]:
     """pycocoevalcap's PTBTokenizer on {id: [caption, ...]}, checked for line alignment."""
     payload = {i: [{"caption": _LINE_BREAKS.sub(" ", c)} for c in caps] for i, caps in captions.items()}
+    _QuietPopen.last_stderr = b""
+    real = _ptb.subprocess  # the module it calls Popen through (it uses only Popen and PIPE)
+    _ptb.subprocess = types.SimpleNamespace(Popen=_QuietPopen, PIPE=subprocess.PIPE)
     try:
         out = PTBTokenizer().tokenize(payload)
     except OSError as exc:
@@ -201,11 +221,14 @@ def _ptb_tokenize(captions: dict[Hashable, list[str]]) -> dict[Hashable, list[st
             f"pycocoevalcap's PTBTokenizer failed ({exc}); it runs `java` and writes a temporary file "
             f"next to its jar, so {os.path.dirname(os.path.abspath(_ptb.__file__))} must be writable"
         ) from exc
+    finally:
+        _ptb.subprocess = real
     bad = [i for i, caps in captions.items() if len(out.get(i, ())) != len(caps)]
     if bad:
+        said = " ".join(_QuietPopen.last_stderr.decode("utf-8", "replace").split())[-300:]
         raise MetricsError(
             f"PTBTokenizer returned the wrong number of captions for ids {_name_ids(bad)}; the Java "
-            "tokenizer probably failed (see its messages on stderr)"
+            f"tokenizer probably failed (it said: {said or 'nothing'})"
         )
     return {i: out[i] for i in captions}
 
@@ -350,15 +373,15 @@ def score_captions(
     wanted = _canonical_metrics(metrics)
     ids = _validate(predictions, references)
 
-    if use_java is False:
+    if use_java is False:  # the caller's choice (e.g. fast monitoring during training): nothing to warn about
         java_problem: str | None = "Java disabled (use_java=False)"
     else:
         java_problem = _java_problem()
         if java_problem is not None and use_java:
             raise MetricsError(f"use_java=True but {java_problem}")
+        if java_problem is not None:
+            _warn_fallback(java_problem)
     use_java = java_problem is None
-    if not use_java:
-        _warn_fallback(java_problem)
 
     gts_raw = {i: list(references[i]) for i in ids}
     res_raw = {i: [predictions[i]] for i in ids}

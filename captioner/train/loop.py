@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from captioner.api import Captioner
 from captioner.config import DecodeConfig, TrainConfig, save_json
 from captioner.data import CaptionExample, load_caption_set
-from captioner.errors import InputError, TrainingError
+from captioner.errors import ConfigError, InputError, TrainingError
 from captioner.train.batching import (CaptionBatchSampler, ItemFeatures, drop_modalities, make_loader,  # noqa: F401
                                       tokenize_pairs, usable_examples)
 from captioner.train.state import check_resume_config, latest_state, load_state, save_state
@@ -129,17 +130,23 @@ def _to(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
 
 
-def caption_metrics(captioner: Captioner, features: ItemFeatures, examples, *, limit: int) -> dict[str, float]:
-    """Greedy captions for the first `limit` examples scored with BLEU-4 and CIDEr (pure-Python
-    tokenisation: fast, for monitoring; `captioner eval` gives the COCO-exact numbers)."""
+def validation_decoding(config: TrainConfig) -> DecodeConfig:
+    """How the validation captions are decoded: the run's val_strategy / val_num_beams."""
+    return DecodeConfig(strategy=config.val_strategy, num_beams=config.val_num_beams, max_new_tokens=30)
+
+
+def caption_metrics(captioner: Captioner, features: ItemFeatures, examples, *, limit: int,
+                    decode: DecodeConfig | None = None) -> dict[str, float]:
+    """Captions (`decode`, default greedy) for the first `limit` examples scored with BLEU-4 and CIDEr
+    (pure-Python tokenisation: fast, for monitoring; `captioner eval` gives the COCO-exact numbers)."""
+    decode = decode or DecodeConfig(strategy="greedy", max_new_tokens=30)
     from captioner.scoring.metrics import score_captions
 
     n = min(limit, len(examples))
     preds = []
     for start in range(0, n, 64):
         feats, present = features.rows(torch.arange(start, min(n, start + 64)))
-        preds += [c[0] for c in captioner.caption_rows(feats, present, DecodeConfig(strategy="greedy",
-                                                                                     max_new_tokens=30))]
+        preds += [c[0] for c in captioner.caption_rows(feats, present, decode)]
     scores = score_captions({ex.image_id: p for ex, p in zip(examples, preds)},
                             {ex.image_id: ex.captions for ex in examples[:n]}, metrics=("BLEU", "CIDEr"),
                             use_java=False)
@@ -191,6 +198,26 @@ def _own_accelerator_state():
             cls._shared_state.update(state)
 
 
+# What a training run writes into its output directory (another run's files are never touched).
+RUN_FILES = ("train_config.json", "command.txt", "metrics.jsonl", "tensorboard", "state", "last", "best")
+
+
+def earlier_run(out: Path) -> list[str]:
+    """The files of an earlier training run in `out` (folders with a trailing /)."""
+    return [name + ("/" if (out / name).is_dir() else "") for name in RUN_FILES
+            if (out / name).exists() or (out / name).is_symlink()]
+
+
+def check_vocabulary(tokenizer, lm) -> None:
+    """Every token id must have a row in the LM's embedding (else training fails deep in the model or, for
+    ids that fit by chance, learns nothing); one line naming both sizes."""
+    ids = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    rows = lm.get_input_embeddings().num_embeddings
+    if ids > rows:
+        raise ConfigError(f"the tokenizer has {ids} token ids but the LM's vocabulary holds {rows}: size the LM to "
+                          f"the tokenizer (vocab_size {ids} in lm_config) or use the LM's own tokenizer")
+
+
 def _saved_text(out: Path, saved: dict[str, int]) -> str:
     if not saved:
         return f"nothing was saved in {out}"
@@ -201,6 +228,9 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
     """Train a captioner; returns the path of the best saved captioner (`last/` when no validation score was
     finite). Raises TrainingError when the loss is not finite for `max_nonfinite_steps` steps in a row."""
     out = Path(config.output_dir)
+    if config.model.lm_config is not None and not config.model.finetune_lm:
+        raise ConfigError("lm_config builds a randomly initialised LM, and a frozen one never learns the language: "
+                          "fine-tune it (finetune_lm) or load a pretrained LM (lm) instead")
     state_dir = latest_state(out)
     resuming = config.resume and state_dir is not None
     if resuming:  # before anything in the run directory changes
@@ -216,6 +246,17 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
     main_proc, resuming = accelerator.is_main_process, state_dir is not None
+    earlier = earlier_run(out)
+    accelerator.wait_for_everyone()  # every process looked before the main one writes anything
+    if earlier and not (config.resume or config.overwrite):
+        raise ConfigError(f"{out} holds an earlier run ({', '.join(earlier)}): continue it with resume or start "
+                          "afresh with overwrite (or choose another output directory)")
+    if earlier and config.overwrite and main_proc:
+        logger.info("overwrite: removing the earlier run in %s (%s)", out, ", ".join(earlier))
+        for name in earlier:
+            path = out / name.rstrip("/")
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    accelerator.wait_for_everyone()
     if config.resume and not resuming:
         logger.info("resume: no state in %s, starting from scratch", out)
     if main_proc:
@@ -240,6 +281,7 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
         val_ex = []
     captioner = Captioner.from_config(config.model, tokenizer=tokenizer, device=accelerator.device)
     tok = captioner.tokenizer
+    check_vocabulary(tok, captioner.model.lm)
     with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
         train_ex, train_feats = encode_examples(captioner, train_ex, config, desc="encoding train")
         val_ex, val_feats = encode_examples(captioner, val_ex, config, desc="encoding val") if val_ex else ([], None)
@@ -285,6 +327,11 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
     step, saved = progress["step"], dict(progress.get("saved", {}))
     unwrapped = accelerator.unwrap_model(model)
 
+    val_decode = validation_decoding(config)
+    val_decoding_name = "greedy" if val_decode.strategy == "greedy" else f"beam{val_decode.num_beams}"
+    if main_proc and val_ex and config.val_images > 0:
+        logger.info("validation captions: %s decoding of up to %d items", val_decoding_name, config.val_images)
+
     def validate_and_save(epoch_no: int, train_loss: float) -> None:
         """Validation loss (+ greedy BLEU-4/CIDEr), a metrics record, last/, and best/ when the validation
         loss (else the training loss) is the lowest so far."""
@@ -295,7 +342,8 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
         if main_proc:
             cap = Captioner(unwrapped, tok, device=accelerator.device)
             if val_ex and config.val_images > 0:
-                record.update(caption_metrics(cap, val_feats, val_ex, limit=config.val_images))
+                record.update(caption_metrics(cap, val_feats, val_ex, limit=config.val_images, decode=val_decode))
+                record["val_decoding"] = val_decoding_name
             log.log(record)
             logger.info("epoch %d: %s", epoch_no,
                         ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))

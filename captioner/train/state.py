@@ -35,7 +35,8 @@ STATE_FORMAT = 2  # 1 (no "format" key): accelerate's save_state, with pickles: 
 # Fields that only change how the rest of a run is stopped, logged, saved or fed; every other field
 # (data, schedule, batch size, model, ...) would mix two runs in one, so a resume refuses a change.
 RESUMABLE_CHANGES = ("max_steps", "log_every", "val_every", "save_every", "val_images", "num_workers",
-                     "feature_cache", "encode_batch_size", "max_nonfinite_steps", "resume", "output_dir")
+                     "feature_cache", "encode_batch_size", "max_nonfinite_steps", "resume", "output_dir",
+                     "val_strategy", "val_num_beams", "overwrite")
 _PATHS = ("data", "image_root", "audio_root")  # compared after normalisation ("./x" == "x")
 
 
