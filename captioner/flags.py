@@ -71,8 +71,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip=(), only=N
         if typing.get_origin(hint) is list:  # comma-separated, e.g. --modalities image,audio
             ints = typing.get_args(hint) == (int,)  # e.g. --stop-tokens 13,0
             group.add_argument(_flag(f.name), type=parse_int_list if ints else parse_list, default=argparse.SUPPRESS,
-                               metavar="A,B", help=f"{f.metadata.get('help', '')} "
-                               f"(default: {','.join(map(str, f.default_factory()))})")
+                               metavar="A,B", help=_with_default(f.metadata.get("help", ""),
+                                                                 ",".join(map(str, f.default_factory()))))
             continue
         args = typing.get_args(hint)
         optional = type(None) in args
