@@ -164,3 +164,19 @@ def test_worker_count_defaults_from_the_cpus_this_process_may_use(make_captioner
     list(cap.iter_captions(mixed[:1], decode=DecodeConfig(strategy="greedy", max_new_tokens=2),
                            num_workers=1))
     assert asked == [0, 1]  # the default from one CPU: read in-process; an explicit value stays
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_reading_inputs_leaves_the_global_rng_alone(workers):
+    """Training initialises its mappers and orders its data from the global RNG after encoding features:
+    reading inputs must not draw from it (a DataLoader draws its workers' base seed from its generator)."""
+    import torch
+
+    from captioner.inputs.loader import load_batches
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    rows = [row for batch in load_batches(list(range(5)), batch_size=2, num_workers=workers) for row in batch]
+    assert rows == list(range(5))
+    torch.testing.assert_close(torch.rand(3), expected)

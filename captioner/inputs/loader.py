@@ -155,8 +155,11 @@ def load_batches(dataset: Dataset, *, batch_size: int, num_workers: int | None =
     the device per batch."""
     if num_workers is None:
         num_workers = default_workers()
+    # Its own generator: a DataLoader draws its workers' base seed from the generator it is given, and
+    # reading inputs must not move the global RNG that training's initialisation and data order use.
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
-                        pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
+                        pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
+                        generator=torch.Generator())
     for batch in loader:
         yield decode_on_device(batch, pipeline) if pipeline is not None else batch
 
