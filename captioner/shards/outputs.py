@@ -25,6 +25,7 @@ one of an earlier run of the same output goes too.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import io
@@ -69,6 +70,19 @@ def iter_json_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 
 def _fs_error(path: Path, action: str, e: OSError) -> FileSystemError:
     return FileSystemError(f"{path}: cannot {action}: {e.strerror or e}")
+
+
+@contextlib.contextmanager
+def _closed_on_failure(f: BinaryIO, path: Path):
+    """Preparing a file just opened: on any failure it is closed (its lock released); OS errors are one line."""
+    try:
+        yield
+    except OSError as e:
+        f.close()
+        raise _fs_error(path, "write", e) from None
+    except BaseException:
+        f.close()
+        raise
 
 
 def open_locked(path: Path, *, resume: bool, overwrite: bool) -> tuple[BinaryIO, bool]:
@@ -141,18 +155,12 @@ class ResultWriter:
         self.header = [id_field, "caption"] if num_captions == 1 else [id_field, "rank", "caption"]
         self.f, existed = open_locked(self.path, resume=resume, overwrite=overwrite)
         self.done: set[str] = set()
-        try:
+        with _closed_on_failure(self.f, self.path):
             cut = 0
             if existed and resume:
                 cut = self._scan_csv() if self.fmt == "csv" else self._scan_jsonl()
             self.f.truncate(cut)  # overwrite: 0; resume: the killed write's half line
             self.f.seek(cut)
-        except OSError as e:
-            self.f.close()
-            raise _fs_error(self.path, "write", e) from None
-        except BaseException:
-            self.f.close()
-            raise
         self.buffer = io.BytesIO()
         self.text = io.StringIO()  # CSV rows, encoded at flush
         self.writer = csv.writer(self.text)
@@ -251,17 +259,11 @@ class ErrorLog:
     def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False, id_field: str = "image"):
         self.path, self.id_field = Path(path), id_field
         self.f, existed = open_locked(self.path, resume=resume, overwrite=overwrite)
-        try:
+        with _closed_on_failure(self.f, self.path):
             if existed and resume and not overwrite:
                 self._check()
             self.f.truncate(0)
             self.f.seek(0)
-        except OSError as e:
-            self.f.close()
-            raise _fs_error(self.path, "write", e) from None
-        except BaseException:
-            self.f.close()
-            raise
         self.count = 0
 
     def _check(self) -> None:
