@@ -9,6 +9,15 @@ never name CLI flags (the CLI adds flag hints where it knows them).
 from __future__ import annotations
 
 
+MAX_DETAIL = 200  # characters of a library's message kept in a reason
+
+
+def one_line(e: BaseException | str) -> str:
+    """A message (or exception) as one line of at most MAX_DETAIL characters, for "NAME: REASON" errors."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL - 3] + "..."
+
+
 class CaptionerError(Exception):
     """Base of all captioner errors: a one-line message for the user, never a traceback."""
 

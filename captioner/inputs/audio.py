@@ -41,6 +41,7 @@ import os
 
 import numpy as np
 
+from captioner.errors import one_line as _one_line
 from captioner.errors import AudioError  # noqa: F401  (defined in errors.py)
 from captioner.inputs.image import open_regular_file
 
@@ -66,7 +67,6 @@ _UNSUPPORTED_SIGNATURES = (
     (b"DSD ", "DSF"),
 )
 _SNIFF_BYTES = 4096
-_MAX_DETAIL = 200
 
 
 
@@ -150,9 +150,6 @@ def _error(name: str, reason: str) -> AudioError:
     return AudioError(f"{name}: {reason}")
 
 
-def _one_line(e: BaseException | str) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL - 3] + "..."
 
 
 def _decode(f, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:

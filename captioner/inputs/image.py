@@ -54,6 +54,7 @@ import stat
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from captioner.errors import one_line as _one_line
 from captioner.errors import ImageError  # noqa: F401  (defined in errors.py)
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,6 @@ _UNSUPPORTED_SIGNATURES = (
 _HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"hevx": "HEIC", b"heim": "HEIC",
                 b"heis": "HEIC", b"avif": "AVIF", b"avis": "AVIF"}
 _SNIFF_BYTES = 4096
-_MAX_DETAIL = 200  # characters of a library message kept in a reason
 
 
 
@@ -366,6 +366,3 @@ def _unidentified_reason(f) -> str:
     return "not an image"
 
 
-def _one_line(e: BaseException | str) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL - 3] + "..."

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from captioner.config import ConfigError
-from captioner.inputs.audio import _one_line, fit_window, load_audio
+from captioner.errors import one_line as _one_line
+from captioner.inputs.audio import fit_window, load_audio
 from captioner import hub
 
 logger = logging.getLogger(__name__)
