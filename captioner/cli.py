@@ -305,6 +305,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from captioner.demo.numerics import pin_kernels
+
+    pin_kernels()  # before torch loads: the demo's numbers do not depend on the CPU's vector width
     from captioner.demo.runs import run_audio_demo, run_demo
 
     if args.audio:

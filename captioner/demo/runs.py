@@ -22,6 +22,7 @@ from captioner.config import DecodeConfig
 from captioner.data import read_imagefolder
 from captioner.scoring.metrics import score_captions
 from captioner.scoring.report import write_report
+from captioner.demo.numerics import with_pinned_threads
 from captioner.demo.shapes import make_shapes_dataset
 from captioner.demo.sounds import make_scenes_dataset, split_scene_caption
 from captioner.demo.tiny import TINY_TRAIN, tiny_config, train_tokenizer
@@ -52,6 +53,7 @@ def demo_train_config(data: Path, output_dir: Path, tokenizer, *, epochs: int, s
                        val_images=60, log_every=20, overwrite=True, model=tiny_config(tokenizer, **model))
 
 
+@with_pinned_threads
 def run_demo(output_dir: str | Path = "demo_out", *, epochs: int = 12, n_train: int = 600, seed: int = 0
              ) -> DemoResult:
     out = Path(output_dir)
@@ -99,6 +101,7 @@ def _part(caption: str, index: int) -> str:
         return caption
 
 
+@with_pinned_threads
 def run_audio_demo(output_dir: str | Path = "demo_audio_out", *, epochs: int = 12, n_train: int = 432,
                    seed: int = 0, modality_dropout: float = 0.3) -> AudioDemoResult:
     out = Path(output_dir)
