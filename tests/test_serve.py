@@ -65,12 +65,15 @@ class Gate:
         self.batcher = app.state.batcher
         self.inner = run or self.batcher.run_batch
         self.calls: list[int] = []
-        self.open = threading.Event()
+        self.open = threading.Event()  # set: calls pass; clear: each call waits for a permit
         self.open.set()
+        self.permits = threading.Semaphore(0)
 
     def __call__(self, inputs, decode, prompt):
         self.calls.append(len(inputs))
-        assert self.open.wait(30), "gate never opened"
+        deadline = time.monotonic() + 30
+        while not (self.open.is_set() or self.permits.acquire(timeout=0.01)):
+            assert time.monotonic() < deadline, "gate never opened"
         return self.inner(inputs, decode, prompt)
 
 
@@ -239,28 +242,49 @@ def test_queue_full_is_503_with_retry_after(server):
     assert post(url, [("again.png", png())])[0] == 200
 
 
-def test_disconnected_client_does_not_break_its_batch(server):
-    app, url = server
+def raw_request(url, image: bytes) -> socket.socket:
+    """A client that sends its request and reads nothing (the test closes it: the client goes away)."""
     host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"images": [base64.b64encode(image).decode()]}).encode()
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return s
+
+
+def test_client_going_away_does_not_break_its_batch(server):
+    app, url = server
+    batcher = app.state.batcher
     with gated(app, mean_captions) as gate:
         gate.open.clear()
         first = in_thread(post, url, [("0.png", png())])
         wait_until(lambda: gate.calls == [1], "the first request to reach the model")
-        # a raw client that sends its request and goes away while queued
-        body = json.dumps({"images": [base64.b64encode(png("blue")).decode()]}).encode()
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            wait_until(lambda: app.state.batcher.waiting == 1, "the raw request to queue")
+        leaving = raw_request(url, png("blue"))
+        wait_until(lambda: batcher.waiting == 1, "the raw request to queue")
         stays = in_thread(post, url, [("green.png", png("green"))])
-        wait_until(lambda: app.state.batcher.waiting == 2, "a second request to join the batch")
-        gate.open.set()
+        wait_until(lambda: batcher.waiting == 2, "a second request to queue")
+        gate.permits.release()  # the first batch ends; the next one (both requests) starts and is held
+        wait_until(lambda: gate.calls == [1, 2], "the batch of both requests to start")
+        leaving.close()  # its client leaves while its batch runs
+        time.sleep(0.2)
+        gate.permits.release()
         for t, _ in (first, stays):
             t.join(30)
+        # a client that leaves while queued: its request is dropped before any model call
+        gate.open.clear()
+        held = in_thread(post, url, [("0.png", png())])
+        wait_until(lambda: gate.calls == [1, 2, 1], "a request to hold the model")
+        raw_request(url, png("blue")).close()
+        wait_until(lambda: batcher.pending and batcher.pending[0].abandoned, "the queued request to be abandoned")
+        gate.open.set()
+        held[0].join(30)
+        wait_until(lambda: batcher.waiting == 0, "the abandoned request to leave the queue")
+    assert gate.calls == [1, 2, 1]
     status, body, _ = stays[1]["r"]
     assert status == 200 and body["results"][0]["caption"] == mean_captions(
         [{"image": app.state.model["reader"].image(png("green"), "x")}], None, None)[0][0]
     assert get(url, "/healthz").status == 200 and post(url, [("ok.png", png())])[0] == 200
+    assert 'captioner_errors_total{kind="disconnected"} 2.0' in get(url, "/metrics").data.decode()
 
 
 def test_request_timeout_is_504_and_the_server_goes_on(model_dir):

@@ -202,17 +202,22 @@ def create_app(model, settings: ServeConfig | None = None, decode: DecodeConfig 
         except NotAccepting as e:
             raise RequestError(str(e), status=503, kind="not_ready") from None
         left = settings.request_timeout_s - (time.monotonic() - start)
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            captions = await asyncio.wait_for(asyncio.shield(job.future), max(left, 0.001))
-        except asyncio.TimeoutError:
-            batcher.abandon(job)
-            raise RequestError(f"timed out after {settings.request_timeout_s:g} s", status=504,
-                               kind="timeout") from None
-        except asyncio.CancelledError:  # the client went away: its batch goes on without it
+            await asyncio.wait({job.future, gone}, timeout=max(left, 0.001), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
             batcher.abandon(job)
             raise
-        except Exception as e:  # noqa: BLE001 (the model failed on this batch: one line, the server goes on)
-            raise RequestError(f"internal error: {one_line(e)}", status=500, kind="internal") from None
+        finally:
+            gone.cancel()
+        if not job.future.done():
+            batcher.abandon(job)  # dropped if still queued; a batch already running goes on without it
+            if gone.done() and not gone.cancelled():
+                raise RequestError("the client went away", status=499, kind="disconnected")
+            raise RequestError(f"timed out after {settings.request_timeout_s:g} s", status=504, kind="timeout")
+        if job.future.exception() is not None:  # the model failed on this batch: one line, the server goes on
+            raise RequestError(f"internal error: {one_line(job.future.exception())}", status=500, kind="internal")
+        captions = job.future.result()
         it = iter(captions)
         for result in results:
             if "error" not in result:
@@ -220,6 +225,11 @@ def create_app(model, settings: ServeConfig | None = None, decode: DecodeConfig 
                 result["caption"] = result["captions"][0]
         metrics.items.labels("captioned").inc(len(good))
         return 200, {"results": results}
+
+    async def _disconnected(request: Request) -> None:
+        """Returns when the client has gone (the body is read: the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.05)  # (no other message is expected; never a busy loop)
 
     async def _parse(request: Request) -> ParsedRequest:
         limit = int(settings.max_body_mb * 1024 * 1024)
