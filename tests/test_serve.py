@@ -143,6 +143,30 @@ def test_captions_equal_captioner_caption(server, model_dir, tmp_path, capsys):
     assert capsys.readouterr().out.rstrip("\n").split("\t")[1] == body["results"][0]["caption"]
 
 
+def test_prompt_option_is_the_models_prompt_for_that_request_only(server, tokenizer, monkeypatch):
+    import torch
+
+    from captioner.api import Captioner
+    from captioner.demo.tiny import tiny_config
+
+    app, url = server
+    served = app.state.model["captioner"]
+    seen = []  # the prompt ids in effect at each decoding call
+    inner = served.caption_features
+    monkeypatch.setattr(served, "caption_features", lambda *a, **k: seen.append(
+        served.model.prompt_ids.tolist()) or inner(*a, **k))
+    torch.manual_seed(0)  # the served model's weights (the prompt adds none), with a prompt in its config
+    prompted = Captioner.from_config(tiny_config(tokenizer, prompt="a blue"), tokenizer=tokenizer, device="cpu")
+    options = [("strategy", "sample"), ("seed", "1"), ("max_new_tokens", "6")]
+    status, body, _ = post(url, [("a.png", png())], [*options, ("prompt", "a blue")])
+    assert status == 200
+    assert body["results"][0]["caption"] == prompted.caption(png(), decode=DecodeConfig(
+        strategy="sample", seed=1, max_new_tokens=6))
+    assert post(url, [("a.png", png())], options)[0] == 200
+    assert seen == [prompted.model.prompt_ids.tolist(), []] and seen[0]  # restored after its request
+    assert post(url, [("a.png", png())], [("prompt", "x" * 300)])[1]["kind"] == "options"
+
+
 def test_requests_arriving_together_share_one_model_call_each_with_its_own_captions(server):
     app, url = server
     expected = {c: mean_captions([{"image": app.state.model["reader"].image(png(c), "x")}], None, None)[0][0]
@@ -333,7 +357,7 @@ def test_cli_serve_drains_on_sigterm(model_dir):
     """A `captioner serve` process: requests queued when SIGTERM arrives are answered, then it exits 0."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "captioner", "serve", "--model", str(model_dir), "--port", "0",
-                             "--device", "cpu", "--max-wait-ms", "1500", "--strategy", "greedy",
+                             "--device", "cpu", "--max-wait-ms", "1000", "--strategy", "greedy",
                              "--max-new-tokens", "5"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
