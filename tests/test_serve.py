@@ -325,6 +325,33 @@ def test_request_timeout_is_504_and_the_server_goes_on(model_dir):
         assert 'captioner_errors_total{kind="timeout"} 1.0' in get(url, "/metrics").data.decode()
 
 
+def test_image_and_sound_pairs_and_sounds_alone(make_captioner):
+    """A captioner of images and sounds: pairs in order, sounds alone, and a bad sound's own reason."""
+    import numpy as np
+    import soundfile as sf
+
+    captioner = make_captioner(modalities=["image", "audio"], prefix_length=3, audio_prefix_length=2)
+
+    def wav(freq):
+        buf = io.BytesIO()
+        sf.write(buf, np.sin(np.arange(16000) * freq / 16000 * 6.283).astype(np.float32) * 0.5, 16000, format="WAV")
+        return buf.getvalue()
+
+    settings = ServeConfig(port=0, max_files=4, max_queue=8)
+    decode = DecodeConfig(strategy="sample", seed=0, max_new_tokens=5)
+    with serving(create_app(captioner, settings, decode), settings) as url:
+        pairs = [("image", ("a.png", png("red"), "image/png")), ("image", ("b.png", png("blue"), "image/png")),
+                 ("audio", ("a.wav", wav(440), "audio/wav")), ("audio", ("b.wav", wav(880), "audio/wav"))]
+        r = urllib3.request("POST", url + "/v1/caption", fields=pairs, timeout=60)
+        alone = urllib3.request("POST", url + "/v1/caption", timeout=60, fields=[
+            ("audio", ("c.wav", wav(220), "audio/wav")), ("audio", ("bad.wav", b"RIFF....WAVEjunk", "audio/wav"))])
+    assert r.status == 200 and [x["caption"] for x in r.json()["results"]] == captioner.caption(
+        [png("red"), png("blue")], audio=[wav(440), wav(880)], decode=decode)
+    good, bad = alone.json()["results"]
+    assert good["caption"] == captioner.caption(audio=wav(220), decode=decode)
+    assert bad["error"].startswith("bad.wav: ") and "\n" not in bad["error"]
+
+
 def test_health_metrics_docs_and_a_self_contained_page(server):
     _, url = server
     assert get(url, "/healthz").json() == {"status": "ok"}
