@@ -104,8 +104,15 @@ def counter(url, name) -> float:
 
 
 def in_thread(fn, *args, **kwargs):
+    """fn(*args) in a thread; out["r"] is its result, or (None, {"error": ...}, {}) if it raised."""
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("r", fn(*args, **kwargs)), daemon=True)
+
+    def run():
+        try:
+            out["r"] = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 (reported by the test's assertion on the status)
+            out["r"] = (None, {"error": repr(e)}, {})
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, out
 
@@ -331,6 +338,9 @@ def test_request_timeout_is_504_and_the_server_goes_on(model_dir):
         gate.open.set()
         assert post(url, [("ok.png", png())])[0] == 200
         assert 'captioner_errors_total{kind="timeout"} 1.0' in get(url, "/metrics").data.decode()
+        app.state.begin_drain()  # what SIGTERM starts: not ready any more, requests in flight still answered
+        wait_until(lambda: get(url, "/readyz").status == 503, "/readyz to say draining")
+        assert get(url, "/readyz").json() == {"status": "draining"} and post(url, [("ok.png", png())])[0] == 200
 
 
 def test_image_and_sound_pairs_and_sounds_alone(make_captioner):
@@ -389,10 +399,11 @@ def test_serve_config_and_batch_keys():
 
 
 def test_cli_serve_drains_on_sigterm(model_dir):
-    """A `captioner serve` process: requests queued when SIGTERM arrives are answered, then it exits 0."""
+    """A `captioner serve` process: requests queued when SIGTERM arrives are answered at once (they would
+    otherwise wait 20 s for their batch to fill, past the 10 s drain limit), then it exits 0."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "captioner", "serve", "--model", str(model_dir), "--port", "0",
-                             "--device", "cpu", "--max-wait-ms", "1000", "--strategy", "greedy",
+                             "--device", "cpu", "--max-wait-ms", "20000", "--drain-timeout-s", "10", "--strategy", "greedy",
                              "--max-new-tokens", "5"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""

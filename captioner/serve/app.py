@@ -111,8 +111,17 @@ def create_app(model, settings: ServeConfig | None = None, decode: DecodeConfig 
             if on_load_error is not None:
                 on_load_error(e)
 
+    def begin_drain() -> None:
+        """Shutdown has begun (safe from a signal handler): /readyz says so and queued requests go at once."""
+        def drain():
+            state["draining"] = True
+            batcher.flush()
+        if state.get("loop") is not None:
+            state["loop"].call_soon_threadsafe(drain)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        state["loop"] = asyncio.get_running_loop()
         batcher.start()
         loading = asyncio.get_running_loop().create_task(load())
         if not loader:  # a loaded model: ready as soon as the server listens
@@ -126,6 +135,7 @@ def create_app(model, settings: ServeConfig | None = None, decode: DecodeConfig 
     app = FastAPI(title="captioner", lifespan=lifespan,
                   description="Image and audio captioning with dynamic batching. POST files to /v1/caption.")
     app.state.batcher, app.state.metrics, app.state.settings, app.state.model = batcher, metrics, settings, state
+    app.state.begin_drain = begin_drain
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -137,7 +147,7 @@ def create_app(model, settings: ServeConfig | None = None, decode: DecodeConfig 
 
     @app.get("/readyz", summary="200 once the model is loaded and requests are accepted, else 503")
     def readyz() -> JSONResponse:
-        if batcher.accepting:
+        if batcher.accepting and not state["draining"]:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "draining" if state["draining"] else "loading"}, 503)
 
@@ -306,9 +316,14 @@ def bind(host: str, port: int) -> socket.socket:
 def _server(app, settings: ServeConfig, log_level: str):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM / SIGINT: drain at once, then stop
+            super().handle_exit(sig, frame)
+            app.state.begin_drain()
+
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.drain_timeout_s + 1))
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def url_of(sock: socket.socket) -> str:
@@ -359,6 +374,7 @@ def serving(app, settings: ServeConfig | None = None, *, timeout: float = 60.0):
     try:
         yield url_of(sock)
     finally:
+        app.state.begin_drain()
         server.should_exit = True
         thread.join(timeout)
         sock.close()

@@ -64,6 +64,7 @@ class Batcher:
         self.accepting = False
         self.model_calls = 0
         self._closing = False
+        self._no_wait = False  # draining: batches no longer wait for more requests
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="captioner-model")  # the one thread the model runs on
@@ -78,6 +79,12 @@ class Batcher:
     async def in_worker(self, fn, *args):
         """Run fn(*args) on the model's thread (e.g. loading the model), after what is already there."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def flush(self) -> None:
+        """From now on batches form at once (the server is draining; no more requests are coming)."""
+        self._no_wait = True
+        if self._wake is not None:
+            self._wake.set()
 
     async def close(self, timeout: float) -> None:
         """Refuse new requests, answer every queued one (batches no longer wait), then stop."""
@@ -128,7 +135,8 @@ class Batcher:
                 continue
             first = self.pending[0]
             deadline = first.enqueued + self.max_wait_s
-            while not self._closing and not first.abandoned and self._ready(first.key) < self.max_batch_size:
+            while (not (self._closing or self._no_wait or first.abandoned)
+                   and self._ready(first.key) < self.max_batch_size):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
