@@ -205,6 +205,31 @@ def test_requests_arriving_together_share_one_model_call_each_with_its_own_capti
     assert re.search(r"^captioner_batch_size_bucket\{le=\"4\.0\"\} \d", metrics, re.M)
 
 
+def test_a_request_the_model_fails_on_does_not_fail_its_batch(server):
+    app, url = server
+    poison = mean_captions([{"image": app.state.model["reader"].image(png("black"), "x")}], None, None)[0][0]
+
+    def fragile(inputs, decode, prompt):  # a model that fails on one kind of input
+        out = mean_captions(inputs, decode, prompt)
+        if [poison] in out:
+            raise RuntimeError("the model failed\non this input")
+        return out
+
+    with gated(app, fragile) as gate:
+        gate.open.clear()
+        first = in_thread(post, url, [("0.png", png())])
+        wait_until(lambda: gate.calls == [1], "the first request to reach the model")
+        bad, good = in_thread(post, url, [("black.png", png("black"))]), in_thread(post, url, [("w.png", png("white"))])
+        wait_until(lambda: app.state.batcher.waiting == 2, "two requests to queue")
+        gate.open.set()
+        for t, _ in (first, bad, good):
+            t.join(30)
+    assert gate.calls == [1, 2, 1, 1]  # the failed batch of two, then each alone
+    assert good[1]["r"][0] == 200 and good[1]["r"][1]["results"][0]["caption"].startswith("mean ")
+    status, body, _ = bad[1]["r"]
+    assert status == 500 and body == {"error": "internal error: the model failed on this input", "kind": "internal"}
+
+
 def test_mixed_good_and_bad_uploads(server):
     app, url = server
     truncated = png("blue")[:-30]

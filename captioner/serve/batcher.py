@@ -5,7 +5,8 @@ A batch is formed from the oldest waiting request: it takes the waiting requests
 arrival order, whole requests only) until `max_batch_size` items are there or the oldest has waited
 `max_wait_s`. While the model runs, new requests queue up and form the next batch. Each request gets
 its own items' captions back through its future. A request that gave up (timeout, client gone) is
-dropped if still waiting, and only loses its answer if already in a batch: the batch goes on.
+dropped if still waiting, and only loses its answer if already in a batch: the batch goes on. When a
+model call fails, each request of the batch is retried alone, so only the one that fails gets the error.
 Sampling with a seed is never merged with other requests, so its captions do not depend on neighbours.
 """
 
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from captioner.config import DecodeConfig
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,12 @@ class Batcher:
         inputs = [x for job in jobs for x in job.inputs]
         try:
             captions = await self.in_worker(self._call, inputs, jobs[0].decode, jobs[0].prompt)
-        except Exception as e:  # noqa: BLE001 (the model failed: every request of the batch is told, the server goes on)
+        except Exception as e:  # noqa: BLE001 (the model failed: the server goes on)
+            if len(jobs) > 1:  # one request's input must not fail the others: each is retried alone
+                logger.warning("a batch of %d requests failed (%s): each is retried alone", len(jobs), one_line(e))
+                for job in jobs:
+                    await self._serve([job])
+                return
             logger.exception("model call failed")
             for job in jobs:
                 if not job.future.done():
