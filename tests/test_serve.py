@@ -139,7 +139,7 @@ def server(model_dir):
         yield app, url
 
 
-def test_captions_equal_captioner_caption(server, model_dir, tmp_path, capsys):
+def test_captions_equal_captioner_caption(server, model_dir, tmp_path, capfd):
     from captioner.cli import main
 
     _, url = server
@@ -155,7 +155,7 @@ def test_captions_equal_captioner_caption(server, model_dir, tmp_path, capsys):
     status, body, _ = post(url, [("a.png", png("red"))])
     assert main(["caption", str(tmp_path / "a.png"), "--model", str(model_dir), "--device", "cpu",
                  "--strategy", "greedy", "--max-new-tokens", "6"]) == 0
-    assert capsys.readouterr().out.rstrip("\n").split("\t")[1] == body["results"][0]["caption"]
+    assert capfd.readouterr().out.rstrip("\n").split("\t")[1] == body["results"][0]["caption"]
 
 
 def test_prompt_option_is_the_models_prompt_for_that_request_only(server, tokenizer, monkeypatch):
@@ -465,9 +465,9 @@ def test_cli_serve_help_lists_the_server_flags(capsys):
         assert flag in text
 
 
-def test_cli_serve_unloadable_model_is_one_line(tmp_path, capsys):
+def test_cli_serve_unloadable_model_is_one_line(tmp_path, capfd):
     from captioner.cli import main
 
     assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    errors = [line for line in capfd.readouterr().err.splitlines() if "error" in line.lower()]
     assert errors[-1].startswith("captioner serve: error:") and "missing: not a directory" in errors[-1]
