@@ -273,6 +273,9 @@ def test_bad_requests_get_one_line_4xx_errors(server):
             ("image", (f"{i}.png", png(), "image/png")) for i in range(5)])),
         (413, "body_too_large", lambda: urllib3.request("POST", url + "/v1/caption", fields=[
             ("image", ("big.bin", os.urandom(1024 * 1024 + 10), "image/png"))])),
+        (413, "body_too_large", lambda: urllib3.PoolManager().request(  # no declared length: counted as read
+            "POST", url + "/v1/caption", body=(b"x" * 65536 for _ in range(20)), chunked=True,
+            headers={"Content-Type": "application/json"})),
         (415, "unsupported_media", lambda: urllib3.request("POST", url + "/v1/caption", body=png(),
                                                             headers={"Content-Type": "image/png"})),
         (422, "invalid_request", lambda: urllib3.request("POST", url + "/v1/caption", json={"images": []})),
