@@ -24,7 +24,10 @@ demo: $(STAMP)
 demo-audio: $(STAMP)
 	$(VENV)/bin/captioner demo --audio --output-dir demo_audio_out
 
+# tests/test_serve_browser.py needs Chromium and its driver (Debian: chromium chromium-driver; .ci/run installs them)
 test: $(STAMP)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	    echo "note: chromium/chromedriver missing: the browser test will fail (apt-get install chromium chromium-driver)"
 	$(PY) -m pytest -q
 
 clean:

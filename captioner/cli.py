@@ -304,6 +304,21 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    from captioner.serve.settings import ServeConfig
+
+    try:
+        from captioner.serve.app import serve_forever
+    except ImportError as e:
+        raise CLIError(f"serving needs the serve extra (pip install 'captioner[serve]'): {e}") from None
+    from captioner.api import Captioner
+
+    settings, decode = config_from_args(ServeConfig, args), config_from_args(DecodeConfig, args)
+    serve_forever(lambda: Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype), settings,
+                  decode, log_level="info" if args.verbose else "warning")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from captioner.demo.numerics import pin_kernels
 
@@ -351,7 +366,7 @@ def _audio_demo(args, run_audio_demo) -> int:
 # ------------------------------------------------------------------ parser
 
 
-COMMANDS = {"bench": cmd_bench, "caption": cmd_caption, "convert": cmd_convert, "demo": cmd_demo, "eval": cmd_eval, "merge": cmd_merge, "push": cmd_push, "score": cmd_score, "tokenizer": cmd_tokenizer, "train": cmd_train}  # command word -> handler
+COMMANDS = {"bench": cmd_bench, "caption": cmd_caption, "convert": cmd_convert, "demo": cmd_demo, "eval": cmd_eval, "merge": cmd_merge, "push": cmd_push, "score": cmd_score, "serve": cmd_serve, "tokenizer": cmd_tokenizer, "train": cmd_train}  # command word -> handler
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --output")
     add_dataclass_flags(p, TrainConfig, only=DATA_FIELDS, title="caption set columns and folders")
 
+    from captioner.serve.settings import ServeConfig
+
+    p = sub.add_parser("serve", help="HTTP service with dynamic batching and a web page (needs the serve extra)",
+                       description="Serve a captioner over HTTP (FastAPI + uvicorn): POST /v1/caption (multipart "
+                                   "files or JSON base64, decoding options per request), the web page at /, "
+                                   "/healthz, /readyz, /metrics (Prometheus), /docs. Requests that arrive together "
+                                   "share one model call. SIGTERM answers the requests in flight, then exits. "
+                                   "Decoding flags set the options of requests that give none.")
+    p.add_argument("--model", required=True, help="directory of a saved captioner, a known name or a Hub repo (as "
+                                                  "for caption)")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="precision of every part (default: "
+                                                                                 "float32)")
+    add_dataclass_flags(p, ServeConfig, title="server")
+    add_dataclass_flags(p, DecodeConfig, title="decoding (defaults of requests)")
+
     p = sub.add_parser("demo", help="offline demo: generate shapes, train a tiny captioner, caption and score",
                        description="Runs the whole job offline on generated data: a shapes caption set, a tiny "
                                    "open_clip encoder, a tiny GPT-2 with a tokenizer trained on the captions, "
