@@ -308,7 +308,9 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
         logger.info("trainable parameters: %s; %d processes x %d batches per epoch", f"{sum(p.numel() for p in params):,}",
                     world, len(sampler))
     # Batches are already sharded by our sampler, so the data loader is not passed to accelerate.
-    fused = {"fused": True} if accelerator.device.type == "cuda" else {}
+    # Fused AdamW (one kernel for all parameters), on CPU too (torch >= 2.4): there it is ~5x faster than
+    # the default per-parameter loop, about a tenth of a tiny-GPT-2 step.
+    fused = {"fused": True} if accelerator.device.type in ("cuda", "cpu") else {}
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
     steps_per_epoch = math.ceil(len(sampler) / config.grad_accum_steps)
     total_steps = config.epochs * steps_per_epoch
