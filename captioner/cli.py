@@ -178,10 +178,9 @@ def _caption_sharded(args, decode) -> int:
     if decode.rerank:
         raise CLIError("--rerank is not available in sharded captioning (--output-dir); caption with --output")
     rank, world, local_rank = sharded.dist_env()
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() and not args.quantize else "cpu")
     shards = expand_shards(args.images, files_per_shard=args.files_per_shard)
-    captioner = Captioner.from_pretrained(args.model, device=device if not args.quantize else args.device,
-                                          dtype=args.dtype, quantize=args.quantize)
+    captioner = Captioner.from_pretrained(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
     t0 = time.perf_counter()
     results = sharded.run(captioner, shards, args.output_dir, decode=decode, batch_size=args.batch_size,
                           num_workers=args.num_workers, rank=rank, world=world, write_tars=args.write_shards,
