@@ -6,6 +6,8 @@
     cap.caption("a.jpg", decode=DecodeConfig(strategy="sample", num_captions=3, seed=0))
     cap.caption("frame.jpg", audio="frame.wav")           # a captioner trained on image + audio
     cap.iter_captions(paths_or_dicts)                     # streaming, errors per item (caption() wraps it)
+    Captioner.from_pretrained(path, quantize="int8")      # CPU: int8 LM and mapper (model/quantize.py)
+    cap.caption("a.jpg", rerank="clip")                   # beams reranked by CLIPScore (decoding/rerank.py)
 """
 
 from __future__ import annotations
