@@ -6,6 +6,8 @@
     cap.caption("a.jpg", decode=DecodeConfig(strategy="sample", num_captions=3, seed=0))
     cap.caption("frame.jpg", audio="frame.wav")           # a captioner trained on image + audio
     cap.iter_captions(paths_or_dicts)                     # streaming, errors per item (caption() wraps it)
+    Captioner.from_pretrained(path, quantize="int8")      # CPU: int8 LM and mapper (model/quantize.py)
+    cap.caption("a.jpg", rerank="clip")                   # beams reranked by CLIPScore (decoding/rerank.py)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from captioner.inputs.image import MAX_PIXELS, ImageError, load_image
 from captioner.inputs.jpeg import JpegPipeline, TensorPreprocess
 from captioner.inputs.loader import (InputDataset, InputReader, as_item, group_rows, is_single, load_batches,
                                      stack_inputs)
+from captioner.errors import ConfigError
 from captioner.model.model import CaptionModel
 from captioner.model.tokens import decode_ids, encode_prompt, pad_id
 
@@ -58,28 +61,40 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class Captioner:
     def __init__(self, model: CaptionModel, tokenizer, *, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None):
+                 dtype: str | torch.dtype | None = None, quantize: str | None = None):
         """dtype: run every part in this precision ("bfloat16" halves memory and is much faster on recent
-        GPUs; logits are scored in float32). Default: as built (float32)."""
+        GPUs; logits are scored in float32). Default: as built (float32). quantize: "int8" quantizes the LM's
+        and mappers' linear layers (model/quantize.py; CPU only, the default device then)."""
+        from captioner.model.quantize import check_quantize, quantize_int8
+
         self.model, self.tokenizer = model, tokenizer
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cpu") if quantize else default_device())
+        check_quantize(quantize, self.device)
         self.model.to(self.device)
         if dtype is not None:
             self.model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        self.quantize = quantize
+        if quantize:
+            quantize_int8(self.model)
+        # decoding/rerank.py: what DecodeConfig.rerank scores with (a CandidateScorer or a CLIPScorer);
+        # None: the captioner's own CLIP, built on first use when it has a pretrained text tower.
+        self.rerank_scorer = None
         self._static_steppers: dict[tuple, StaticCacheStepper] = {}  # kept: they hold caches and compiled steps
         self._packed_head = PackedHead()  # kept: holds the packed copy of the LM head's weight
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, config: ModelConfig, *, tokenizer=None, device=None, dtype=None) -> "Captioner":
+    def from_config(cls, config: ModelConfig, *, tokenizer=None, device=None, dtype=None, quantize=None
+                    ) -> "Captioner":
         """A new (untrained mapper) captioner; pretrained parts are fetched by name."""
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config)
         model = CaptionModel.from_config(config, prompt_ids=encode_prompt(tokenizer, config.prompt))
-        return cls(model.eval(), tokenizer, device=device, dtype=dtype)
+        return cls(model.eval(), tokenizer, device=device, dtype=dtype, quantize=quantize)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device=None, dtype=None) -> "Captioner":
+    def from_pretrained(cls, directory: str | Path, *, device=None, dtype=None, quantize=None) -> "Captioner":
         """Rebuild a captioner saved with `save_pretrained` (strict: mismatches raise CheckpointError).
         `directory` may also be a known name ("clipcap-coco", "clipcap-conceptual": ClipCap's released
         weights, downloaded and converted once) or a Hub id "user/repo[@revision]" (see hub.resolve_model);
@@ -93,7 +108,7 @@ class Captioner:
                                          load_weights=False)
         checkpoint.load_weights(model, directory)
         model.eval()
-        return cls(model, tokenizer, device=device, dtype=dtype)
+        return cls(model, tokenizer, device=device, dtype=dtype, quantize=quantize)
 
     @classmethod
     def from_clipcap(cls, path: str | Path, output_dir: str | Path | None = None, *, device=None, dtype=None,
@@ -110,6 +125,9 @@ class Captioner:
             return cls.from_pretrained(convert_clipcap(path, tmp, **kwargs), device=device, dtype=dtype)
 
     def save_pretrained(self, directory: str | Path, **extra) -> Path:
+        if self.quantize:
+            raise ConfigError(f"a {self.quantize}-quantized captioner is not saved: save the float32 one and "
+                              "quantize it when loading")
         return checkpoint.save_pretrained(self.model, self.tokenizer, directory, extra=extra or None)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None, scores=None,
@@ -184,11 +202,19 @@ class Captioner:
             yield batch, groups
 
     @torch.no_grad()
-    def caption_features(self, features: dict[str, torch.Tensor] | torch.Tensor, decode: DecodeConfig | None = None
-                         ) -> list[list[str]]:
+    def caption_features(self, features: dict[str, torch.Tensor] | torch.Tensor, decode: DecodeConfig | None = None,
+                         images: Sequence[Image.Image] | None = None) -> list[list[str]]:
         """Captions for features {modality: (B, F)} (every row has every given modality; a bare (B, F)
-        tensor is the model's only modality): a list of num_captions strings per row."""
-        decode = decode or DecodeConfig()
+        tensor is the model's only modality): a list of num_captions strings per row. images: the rows'
+        images (PIL), which reranking (decode.rerank) scores the candidates against."""
+        decode, wanted = decode or DecodeConfig(), None
+        if decode.rerank:
+            from captioner.decoding import rerank
+
+            if images is None:
+                raise ConfigError("reranking scores the candidates against their images: caption images, not "
+                                  "bare features")
+            wanted, decode, scorer = decode, rerank.candidate_decode(decode), self.reranker()  # refused before decoding
         was_training = self.model.training
         self.model.eval()
         try:
@@ -207,7 +233,27 @@ class Captioner:
         finally:
             self.model.train(was_training)
         stops = self.config.stop_tokens
-        return [[decode_ids(self.tokenizer, seq.tolist(), stops) for seq in row] for row in out.tokens]
+        texts = [[decode_ids(self.tokenizer, seq.tolist(), stops) for seq in row] for row in out.tokens]
+        if wanted is None:
+            return texts
+        lm = rerank.lm_scores(out.tokens, out.scores, strategy=decode.strategy, length_penalty=decode.length_penalty,
+                              end_ids=[self.tokenizer.eos_token_id, *stops])
+        return rerank.rerank(texts, lm, scorer.candidate_scores(images, texts), weight=wanted.rerank_weight,
+                             keep=wanted.num_captions)
+
+    def reranker(self):
+        """The scorer of reranking (decoding/rerank.py): `rerank_scorer`, or the captioner's own CLIP."""
+        from captioner.decoding.rerank import as_candidate_scorer
+
+        if self.rerank_scorer is None:
+            from captioner.scoring.evaluate import clip_scorer_for
+
+            scorer, _ = clip_scorer_for(self)
+            if scorer is None:
+                raise ConfigError("reranking with CLIP needs a CLIP text tower: this captioner's image encoder has "
+                                  "no pretrained one; give a CLIPScore model (Captioner.rerank_scorer)")
+            self.rerank_scorer = scorer
+        return as_candidate_scorer(self.rerank_scorer)
 
     def _stepper(self, decode: DecodeConfig):
         if not (decode.static_cache or decode.compile):
@@ -283,9 +329,20 @@ class Captioner:
                                                   pipeline=pipeline):
             captions = {}
             for rows, features in groups:
-                captions.update(zip(rows, self.caption_features(features, decode)))
+                images, how = None, decode
+                if decode is not None and decode.rerank:  # candidates are scored against the images as given
+                    if "image" not in features:  # nothing to score against: the LM's own order
+                        how = dataclasses.replace(decode, rerank=None)
+                    else:
+                        images = [self._pil(inputs[batch[j][0]]["image"], max_pixels) for j in rows]
+                captions.update(zip(rows, self.caption_features(features, how, images)))
             for j, (i, _, error) in enumerate(batch):
                 yield i, captions.get(j), error
+
+    @staticmethod
+    def _pil(value, max_pixels) -> Image.Image:
+        """An image input (path, bytes, PIL image, array) as a PIL image, read as the loader reads it."""
+        return InputReader(image_preprocess=lambda im: im, max_pixels=max_pixels).image(value, "image")
 
     def jpeg_pipeline(self, on_device: bool | None = None) -> JpegPipeline | None:
         """The device JPEG decoder for this captioner's image preprocessing (see jpeg.py), or None: when

@@ -71,7 +71,6 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    from captioner.api import Captioner
     from captioner.shards.caption_file import caption_to_file
 
     decode = config_from_args(DecodeConfig, args)
@@ -95,7 +94,7 @@ def cmd_caption(args) -> int:
     for target in [args.output, args.errors or f"{args.output}.errors.jsonl"] if args.output else []:
         if Path(target).exists() and not (args.resume or args.overwrite):
             raise CLIError(f"{target}: exists; pass --resume to continue it or --overwrite to replace it")
-    captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    captioner = _load_captioner(args, decode)
     result = caption_to_file(
         captioner, items, args.output, decode=decode, fmt=args.format, resume=args.resume, overwrite=args.overwrite,
         errors=args.errors, failures=failures, other_inputs=[args.table] if args.table else [],
@@ -110,6 +109,20 @@ def cmd_caption(args) -> int:
     print(f"captioned {result.captioned} input(s), {result.failed} failed, {result.skipped} skipped (already in the "
           f"output)", file=sys.stderr)
     return EXIT_FAILURES if result.failures else EXIT_OK
+
+
+def _load_captioner(args, decode: DecodeConfig):
+    """The captioner of `caption` and `eval`: --device, --dtype, --quantize; with --rerank clip and
+    --clip-score-model, that model scores the candidates."""
+    from captioner.api import Captioner
+
+    captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if decode.rerank and args.clip_score_model:
+        from captioner.scoring.evaluate import clip_scorer_for
+
+        captioner.rerank_scorer, _ = clip_scorer_for(captioner, model=args.clip_score_model,
+                                                     pretrained=args.clip_score_pretrained)
+    return captioner
 
 
 def _printable(text: str) -> str:
@@ -162,10 +175,12 @@ def _caption_sharded(args, decode) -> int:
 
     if args.output:
         raise CLIError("give either --output (one file) or --output-dir (sharded), not both")
+    if decode.rerank:
+        raise CLIError("--rerank is not available in sharded captioning (--output-dir); caption with --output")
     rank, world, local_rank = sharded.dist_env()
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() and not args.quantize else "cpu")
     shards = expand_shards(args.images, files_per_shard=args.files_per_shard)
-    captioner = Captioner.from_pretrained(args.model, device=device, dtype=args.dtype)
+    captioner = Captioner.from_pretrained(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
     t0 = time.perf_counter()
     results = sharded.run(captioner, shards, args.output_dir, decode=decode, batch_size=args.batch_size,
                           num_workers=args.num_workers, rank=rank, world=world, write_tars=args.write_shards,
@@ -225,13 +240,12 @@ def print_scores(corpus: dict, *, coco_exact: bool, skipped=(), columns: dict | 
 
 
 def cmd_eval(args) -> int:
-    from captioner.api import Captioner
     from captioner.config import TrainConfig
     from captioner.data import load_caption_set
     from captioner.scoring import evaluate as ev_lib
 
     decode = config_from_args(DecodeConfig, args)
-    captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    captioner = _load_captioner(args, decode)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in DATA_FIELDS}
     examples, _ = load_caption_set(args.data, args.split, **{f: getattr(args, f, defaults[f]) for f in DATA_FIELDS})
     if args.limit:
@@ -240,8 +254,8 @@ def cmd_eval(args) -> int:
     if args.no_clip_score:
         scorer = None
     elif args.clip_score_model and any(ex.image for ex in examples):
-        scorer, _ = ev_lib.clip_scorer_for(captioner, model=args.clip_score_model,
-                                           pretrained=args.clip_score_pretrained)
+        scorer = captioner.rerank_scorer or ev_lib.clip_scorer_for(captioner, model=args.clip_score_model,
+                                                                   pretrained=args.clip_score_pretrained)[0]
     ev = ev_lib.evaluate_captioner(
         captioner, examples, decode=decode, metrics=ev_lib.default_metrics(examples, spice=args.spice),
         modalities=args.modalities, batch_size=args.batch_size, num_workers=args.num_workers, clip_scorer=scorer,

@@ -218,8 +218,24 @@ class DecodeConfig:
     compile: bool = _doc("torch.compile the LM step over a static KV cache; on CUDA as CUDA graphs (one launch "
                          "per step). Each new batch size compiles first (tens of seconds): for long GPU runs.",
                          default=False)
+    # Reranking (decoding/rerank.py)
+    rerank: str | None = _doc("Rerank candidate captions: 'clip' scores every beam hypothesis (beam) or "
+                              "rerank_samples draws (sample) by CLIPScore against its image and returns the best "
+                              "num_captions. The CLIP is the captioner's own when it has a pretrained text tower, "
+                              "else a CLIPScore model given to the captioner (none: off).", default=None)
+    rerank_samples: int = _doc("Reranking with sampling: draws per image to choose from.", default=8)
+    rerank_weight: float = _doc("Reranking: weight of the LM score (mean log-probability per token) added to "
+                                "CLIPScore (0: CLIPScore alone).", default=0.0)
 
     def __post_init__(self) -> None:
+        if self.rerank not in (None, "clip"):
+            raise ConfigError(f"rerank must be clip or none, got {self.rerank!r}")
+        _check_numbers(self, {"rerank_samples": ">=1", "rerank_weight": ">=0f"})
+        if self.rerank and self.strategy == "greedy":
+            raise ConfigError("reranking needs several candidates per image: use beam or sample decoding")
+        if self.rerank and self.strategy == "sample" and self.num_captions > self.rerank_samples:
+            raise ConfigError(f"num_captions ({self.num_captions}) cannot exceed rerank_samples "
+                              f"({self.rerank_samples})")
         if self.strategy not in ("greedy", "beam", "sample"):
             raise ConfigError(f"strategy must be greedy, beam or sample, got {self.strategy!r}")
         _check_numbers(self, {"num_beams": ">=1", "num_captions": ">=1", "max_new_tokens": ">=1",

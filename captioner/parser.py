@@ -31,6 +31,8 @@ def add_captioning_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="precision of every part (default: float32; bfloat16 is much faster on recent GPUs)")
+    p.add_argument("--quantize", choices=["int8"], help="CPU only: int8 dynamic quantization of the LM's and "
+                   "mappers' linear layers (model/quantize.py; see the README for speed and agreement with float32)")
     add_dataclass_flags(p, DecodeConfig, title="decoding")
 
 
@@ -85,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "Default: on with CUDA")
     g.add_argument("--write-shards", choices=["txt", "json"], help="also write WebDataset tars with a caption "
                                                                   "member per key to DIR/wds")
+    p.add_argument("--clip-score-model", help="--rerank clip: open_clip model (name or .json architecture) that scores "
+                                              "the candidates (default: the captioner's own CLIP when it is a named "
+                                              "pretrained one)")
+    p.add_argument("--clip-score-pretrained", default="openai", help="pretrained tag or file for --clip-score-model, "
+                                                                       "or none for random weights (default: openai)")
     add_captioning_flags(p)
 
     p = sub.add_parser("bench", add_help=False, help="speed benchmark (eval/bench.py): decoding vs ClipCap's way and HF generate",
@@ -117,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file decoding workers (default: one per CPU this process may use, less one, at most 4)")
     p.add_argument("--output-dir", help="write scores.json, predictions.json and report.html here")
     p.add_argument("--spice", action="store_true", help="also compute SPICE (needs Stanford CoreNLP jars)")
-    p.add_argument("--clip-score-model", help="open_clip model for CLIPScore (default: the captioner's own "
-                                              "CLIP when it is a named pretrained one)")
+    p.add_argument("--clip-score-model", help="open_clip model for CLIPScore and --rerank clip (default: the "
+                                              "captioner's own CLIP when it is a named pretrained one)")
     p.add_argument("--clip-score-pretrained", default="openai", help="pretrained tag or file for "
                                                                        "--clip-score-model, or none for random "
                                                                        "weights (default: openai)")

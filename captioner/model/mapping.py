@@ -104,7 +104,9 @@ class Mapper(nn.Module):
             features = features.float() / features.float().norm(dim=-1, keepdim=True)  # (B, F), unit length
         if self.feature_norm is not None:
             features = self.feature_norm(features)  # float32
-        return self.net(features.to(next(self.net.parameters()).dtype))  # (B, P, D)
+        # (an int8-quantized MLP has no float parameters left: it takes float32)
+        dtype = next((p.dtype for p in self.net.parameters()), torch.float32)
+        return self.net(features.to(dtype))  # (B, P, D)
 
 
 def build_mapper(config: ModelConfig, *, feature_dim: int, lm_dim: int, prefix_length: int | None = None) -> Mapper:
