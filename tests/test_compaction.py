@@ -6,44 +6,9 @@ import torch
 
 from captioner.config import DecodeConfig
 from captioner.decoding.fast import StaticCacheStepper
-from captioner.decoding.search import LMStepper, generate
+from captioner.decoding.search import ForcedLengths, LMStepper, generate
 
 EOS = 0
-
-
-class EndAt:
-    """Stepper wrapper with scripted caption lengths: row r may not end before token ends[r] (1-based); from
-    there on EOS is forced (push None) or its logit raised by `push` (the search still chooses). Rows are
-    followed through select (beam expansion, reorders, compaction); rows_seen logs the rows of every call."""
-
-    def __init__(self, inner, ends, *, push=None):
-        self.inner, self.ends, self.push = inner, torch.as_tensor(ends), push
-        self.rows_seen = []
-        if hasattr(inner, "compact_to"):
-            self.compact_to = inner.compact_to
-
-    def _shape(self, logits, ends, t):  # logits (R, V) of token t (0-based)
-        self.rows_seen.append(logits.shape[0])
-        early = (t < ends - 1)[:, None]
-        eos = torch.arange(logits.shape[1])[None] == EOS
-        logits = logits.masked_fill(early & eos, float("-inf"))
-        if self.push is None:
-            return logits.masked_fill(~early & ~eos, float("-inf"))
-        return logits + (~early & eos) * self.push
-
-    def prefill(self, embeds):
-        logits, state = self.inner.prefill(embeds)
-        ends = self.ends[: embeds.shape[0]]
-        return self._shape(logits, ends, 0), (state, ends, 0)
-
-    def step(self, tokens, state):
-        inner, ends, t = state
-        logits, inner = self.inner.step(tokens, inner)
-        return self._shape(logits, ends, t + 1), (inner, ends, t + 1)
-
-    def select(self, state, index):
-        inner, ends, t = state
-        return self.inner.select(inner, index), ends[index], t
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +34,7 @@ def lengths(out):
 def run(tiny, stepper_fn, cfg, *, compact, push=None):
     cap, embeds = tiny
     per_image = cfg.num_captions if cfg.strategy == "sample" else 1  # sampling repeats each prefix
-    stepper = EndAt(stepper_fn(cap), torch.tensor(ENDS).repeat_interleave(per_image), push=push)
+    stepper = ForcedLengths(stepper_fn(cap), torch.tensor(ENDS).repeat_interleave(per_image), eos_id=EOS, push=push)
     with torch.no_grad():
         out = generate(stepper, embeds, cfg, eos_id=EOS, pad_id=EOS, compact=compact)
     return out, stepper.rows_seen

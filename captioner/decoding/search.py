@@ -84,6 +84,49 @@ class LMStepper:
         return state.index_select(0, index)
 
 
+def force_lengths(logits: torch.Tensor, ends: torch.Tensor, t: int, *, eos_id: int,
+                  push: float | None = None) -> torch.Tensor:
+    """logits (R, V) of token t (0-based) with scripted caption lengths ends (R,) (EOS included): EOS is
+    masked before token ends - 1; from there every other token is masked (push None) or EOS's logit is raised
+    by `push` (the search still chooses). For tests and benchmarks (a model whose captions end on cue)."""
+    early = (t < ends - 1)[:, None]  # (R, 1)
+    eos = torch.arange(logits.shape[1], device=logits.device)[None] == eos_id  # (1, V)
+    logits = logits.masked_fill(early & eos, float("-inf"))
+    if push is None:
+        return logits.masked_fill(~early & ~eos, float("-inf"))
+    return logits + (~early & eos) * push
+
+
+class ForcedLengths:
+    """Stepper wrapper applying `force_lengths` with per-row lengths ends (B,), the rows followed through
+    select (beam expansion, reorders, compaction). The logits are masked, not renormalised: the search's
+    log p is that of the masked distribution. rows_seen: the row count of every prefill/step (tests)."""
+
+    def __init__(self, inner: Stepper, ends: torch.Tensor, *, eos_id: int, push: float | None = None):
+        self.inner, self.ends, self.eos_id, self.push = inner, torch.as_tensor(ends), eos_id, push
+        self.rows_seen: list[int] = []
+        if hasattr(inner, "compact_to"):
+            self.compact_to = inner.compact_to
+
+    def _force(self, logits, ends, t):
+        self.rows_seen.append(logits.shape[0])
+        return force_lengths(logits, ends, t, eos_id=self.eos_id, push=self.push)
+
+    def prefill(self, embeds):
+        logits, state = self.inner.prefill(embeds)
+        ends = self.ends[: embeds.shape[0]].to(logits.device)
+        return self._force(logits, ends, 0), (state, ends, 0)
+
+    def step(self, tokens, state):
+        inner, ends, t = state
+        logits, inner = self.inner.step(tokens, inner)
+        return self._force(logits, ends, t + 1), (inner, ends, t + 1)
+
+    def select(self, state, index):
+        inner, ends, t = state
+        return self.inner.select(inner, index), ends[index], t
+
+
 @dataclass
 class Generated:
     tokens: torch.Tensor  # (B, N, T) generated ids, EOS kept, then pad
