@@ -6,7 +6,7 @@ import torch
 
 from captioner.config import DecodeConfig
 from captioner.decoding.fast import StaticCacheStepper
-from captioner.decoding.search import ForcedLengths, LMStepper, generate
+from captioner.decoding.search import ForcedLengths, LMStepper, force_lengths, generate
 
 EOS = 0
 
@@ -93,3 +93,34 @@ def test_compact_to_halves():
     s = StaticCacheStepper.compact_to
     assert [s(None, live, 32) for live in (32, 17, 16, 9, 8, 1, 0)] == [32, 32, 16, 16, 8, 1, 1]
     assert s(None, 3, 5) == 3 and s(None, 2, 5) == 2 and s(None, 4, 5) == 5
+
+
+@pytest.mark.parametrize("push", [None, 4.0])
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_compacted_search_gives_transformers_generate_captions(tiny, strategy, push):
+    """The same scripted model through transformers generate (which keeps computing finished rows): the
+    same best captions, so a beam image leaves exactly when transformers' rule (early_stopping=False) says
+    it is done. As eval/bench.py checks on GPT-2 124M."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    cap, embeds = tiny
+    cfg = DecodeConfig(strategy=strategy, num_beams=3, max_new_tokens=14, length_penalty=1.0)
+    ours, _ = run(tiny, plain, cfg, compact=True, push=push)
+    ends = torch.tensor(ENDS)
+
+    class Scripted(LogitsProcessor):  # beam search hands processors log-softmaxed scores: renormalise
+        def __call__(self, input_ids, scores):
+            rows = ends.repeat_interleave(scores.shape[0] // len(ENDS))
+            return force_lengths(scores, rows, input_ids.shape[1], eos_id=EOS, push=push).log_softmax(-1)
+
+    with torch.no_grad():
+        hf = cap.model.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                   max_new_tokens=14, num_beams=cfg.num_beams if strategy == "beam" else 1,
+                                   do_sample=False, eos_token_id=EOS, pad_token_id=EOS, length_penalty=1.0,
+                                   logits_processor=LogitsProcessorList([Scripted()]))
+
+    def cut(seq):
+        seq = list(seq)
+        return seq[: seq.index(EOS) + 1] if EOS in seq else seq
+
+    assert [cut(r) for r in ours.tokens[:, 0].tolist()] == [cut(r) for r in hf.tolist()]
