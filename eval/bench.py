@@ -153,6 +153,17 @@ def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, devi
             "images_per_s": n / seconds, "peak_gpu_gib": peak}
 
 
+class _Counter(list):
+    """A rows_seen list that only adds up the rows (ForcedLengths appends one count per LM call)."""
+
+    def __init__(self, totals: dict, key: str):
+        super().__init__()
+        self.totals, self.key = totals, key
+
+    def append(self, rows: int) -> None:
+        self.totals[self.key] += rows
+
+
 def bench_realistic(cap: Captioner, *, strategy: str, batch: int, device: str, ref_images: int) -> list[dict]:
     """ours / hf / ref on one batch whose captions end at lengths drawn from LENGTHS; same prefixes, same
     lengths. Returns a row per system; ours' and hf's captions are compared."""
@@ -165,11 +176,16 @@ def bench_realistic(cap: Captioner, *, strategy: str, batch: int, device: str, r
     ends = draw_lengths(batch)
     beams = 5 if strategy == "beam" else 1
     cfg = DecodeConfig(strategy=strategy, num_beams=beams, max_new_tokens=MAX_NEW)
-    captions = {}
+    captions, lm_rows = {}, {"ours": 0, "hf": 0}  # rows the LM computed over all steps (the work done)
 
     def ours():
         plain = cap._stepper  # the users' path (caption_features), its stepper scripted: the bench's instance only
-        cap._stepper = lambda decode: ForcedLengths(plain(decode), ends, eos_id=eos)
+
+        def scripted(decode):
+            stepper = ForcedLengths(plain(decode), ends, eos_id=eos)
+            stepper.rows_seen = _Counter(lm_rows, "ours")
+            return stepper
+        cap._stepper = scripted
         try:
             captions["ours"] = [c[0] for c in cap.caption_features(feats, cfg)]
         finally:
@@ -177,6 +193,7 @@ def bench_realistic(cap: Captioner, *, strategy: str, batch: int, device: str, r
 
     class Scripted(LogitsProcessor):  # transformers' beam search hands processors log-softmaxed scores
         def __call__(self, input_ids, scores):  # (B * beams, V); input_ids: the tokens generated so far
+            lm_rows["hf"] += scores.shape[0]
             rows = ends.to(scores.device).repeat_interleave(scores.shape[0] // batch)
             return force_lengths(scores, rows, input_ids.shape[1], eos_id=eos).log_softmax(-1)
 
@@ -198,14 +215,19 @@ def bench_realistic(cap: Captioner, *, strategy: str, batch: int, device: str, r
 
     rows = []
     for system, fn, n in (("ours", ours, batch), ("hf", hf, batch), ("ref", ref, ref_images)):
+        if n == 0:
+            continue
+        lm_rows.update(ours=0, hf=0)
         if system != "ref" and device.startswith("cuda"):
             fn()  # warm-up (kernels, allocator); on CPU one long run is measured as it comes
+        cpu = time.process_time()
         seconds = timed(fn, device)
         rows.append({"system": system, "strategy": strategy, "batch": batch, "images": n, "seconds": seconds,
-                     "images_per_s": n / seconds})
+                     "images_per_s": n / seconds, "cpu_seconds": time.process_time() - cpu,
+                     "lm_rows": lm_rows.get(system)})
     words = [len(c.split()) for c in captions["ours"]]
     assert words == [int(e) - 1 for e in ends], "scripted lengths not respected"  # one word per token here
-    assert [len(c) for c in captions["ref"]] == [int(e) for e in ends[:ref_images]]
+    assert [len(c) for c in captions.get("ref", [])] == [int(e) for e in ends[:ref_images]]
     same = sum(a == b for a, b in zip(captions["ours"], captions["hf"])) / batch
     for r in rows:
         r.update(mean_length=float(ends.float().mean()), max_length=int(ends.max()), same_as_hf=same)
@@ -330,7 +352,8 @@ def main(argv=None, *, prog: str | None = None) -> int:
                    help="JPEG decoding workers of the end-to-end folder run")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--realistic-batch", type=int, default=32,
-                   help="batch of the realistic-length rows (greedy and beam 5; 0 skips them)")
+                   help="batch of the realistic-length rows (0 skips them)")
+    p.add_argument("--realistic-strategies", default="greedy,beam", help="of the realistic-length rows (beam: 5)")
     p.add_argument("--skip-decode", action="store_true", help="only the end-to-end and training measurements")
     p.add_argument("--repeats", type=int, default=1,
                    help="measure every decoding configuration this many times, in turn; the table shows medians")
@@ -360,7 +383,7 @@ def main(argv=None, *, prog: str | None = None) -> int:
                     print(f"  {precision} {strategy} batch {batch} {system}: {r['images_per_s']:.2f} images/s",
                           file=sys.stderr)
         if precision == args.precisions.split(",")[-1] and args.realistic_batch:  # the fastest precision
-            for strategy in ("greedy", "beam"):
+            for strategy in args.realistic_strategies.split(","):
                 for r in bench_realistic(cap, strategy=strategy, batch=args.realistic_batch, device=device,
                                          ref_images=args.ref_images):
                     realistic.append({**r, "precision": precision})
@@ -404,14 +427,17 @@ def main(argv=None, *, prog: str | None = None) -> int:
         print(f"\nrealistic lengths: {r0['images']} captions of {r0['mean_length']:.1f} tokens on average (max "
               f"{r0['max_length']}; table LENGTHS, EOS scripted), max_new_tokens {MAX_NEW}, {r0['precision']}")
         print(f"{'strategy':<9}{'batch':>6}{'ours img/s':>12}{'hf img/s':>10}{'ref img/s':>11}{'ours/hf':>9}"
-              f"{'ours/ref':>10}{'same as hf':>12}")
-        for strategy in ("greedy", "beam"):
+              f"{'CPU s ours/hf':>15}{'LM rows ours/hf':>17}{'ours/ref':>10}{'same as hf':>12}")
+        for strategy in dict.fromkeys(r["strategy"] for r in realistic):
             by = {r["system"]: r for r in realistic if r["strategy"] == strategy}
-            o, h, f = (by[k]["images_per_s"] for k in ("ours", "hf", "ref"))
-            cells = [f"{o:.2f}", f"{h:.2f}", f"{f:.3f}", f"{o / h:.2f}x", f"{o / f:.1f}x",
-                     f"{by['ours']['same_as_hf']:.0%}"]
-            print(f"{strategy + (' 5' if strategy == 'beam' else ''):<9}{by['ours']['batch']:>6}"
-                  + "".join(f"{c:>{w}}" for c, w in zip(cells, (12, 10, 11, 9, 10, 12))))
+            o, h = by["ours"], by["hf"]
+            f = by["ref"]["images_per_s"] if "ref" in by else None
+            cells = [f"{o['images_per_s']:.2f}", f"{h['images_per_s']:.2f}", f"{f:.3f}" if f else "-",
+                     f"{o['images_per_s'] / h['images_per_s']:.2f}x", f"{o['cpu_seconds']:.0f}/{h['cpu_seconds']:.0f}",
+                     f"{o['lm_rows']}/{h['lm_rows']}", f"{o['images_per_s'] / f:.1f}x" if f else "-",
+                     f"{o['same_as_hf']:.0%}"]
+            print(f"{strategy + (' 5' if strategy == 'beam' else ''):<9}{o['batch']:>6}"
+                  + "".join(f"{c:>{w}}" for c, w in zip(cells, (12, 10, 11, 9, 15, 17, 10, 12))))
     if folder:
         print(f"\nend to end: captioner caption over {folder['images']} JPEGs (256x256, beam 5, {STEPS} tokens, "
               f"batch {folder['batch']}, {folder['precision']}, {folder['workers']} decoding workers"
