@@ -52,8 +52,9 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("push", [None, 6.0])  # forced lengths; EOS only made likely (beams end unevenly)
-@pytest.mark.parametrize("name", list(CONFIGS))
+# push None: forced lengths; 6.0: EOS only made likely from there (beams end unevenly)
+@pytest.mark.parametrize("name, push", [("greedy", None), ("beam", None), ("beam", 6.0), ("beam_lp0", 6.0),
+                                        ("sample", None), ("sample", 6.0)])
 def test_compacted_search_equals_uncompacted(tiny, name, push):
     cfg = CONFIGS[name]
     full, full_rows = run(tiny, plain, cfg, compact=False, push=push)
