@@ -164,9 +164,11 @@ class _Counter(list):
         self.totals[self.key] += rows
 
 
-def bench_realistic(cap: Captioner, *, strategy: str, batch: int, device: str, ref_images: int) -> list[dict]:
+def bench_realistic(cap: Captioner, *, strategy: str, batch: int, device: str, ref_images: int, repeats: int = 1
+                    ) -> list[dict]:
     """ours / hf / ref on one batch whose captions end at lengths drawn from LENGTHS; same prefixes, same
-    lengths. Returns a row per system; ours' and hf's captions are compared."""
+    lengths. Returns a row per system (medians over `repeats` rounds, the systems in turn within a round);
+    ours' and hf's captions are compared."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     eos = cap.tokenizer.eos_token_id
@@ -221,18 +223,22 @@ def bench_realistic(cap: Captioner, *, strategy: str, batch: int, device: str, r
                 do_sample=False, eos_token_id=eos, pad_token_id=eos)
 
     warm()
+    runs: dict[str, list] = {}
+    for _ in range(repeats):
+        for system, fn, n in (("ours", ours, batch), ("hf", hf, batch), ("ref", ref, ref_images)):
+            if n == 0 or (system == "ref" and system in runs):
+                continue  # the slow reference is timed once
+            lm_rows.update(ours=0, hf=0)
+            if system != "ref" and device.startswith("cuda"):
+                fn()  # full warm-up (kernels, allocator); on CPU warm() above, then one long run as it comes
+            cpu = time.process_time()
+            seconds = timed(fn, device)
+            runs.setdefault(system, []).append((seconds, time.process_time() - cpu, lm_rows.get(system), n))
     rows = []
-    for system, fn, n in (("ours", ours, batch), ("hf", hf, batch), ("ref", ref, ref_images)):
-        if n == 0:
-            continue
-        lm_rows.update(ours=0, hf=0)
-        if system != "ref" and device.startswith("cuda"):
-            fn()  # full warm-up (kernels, allocator); on CPU warm() above, then one long run as it comes
-        cpu = time.process_time()
-        seconds = timed(fn, device)
+    for system, timings in runs.items():
+        seconds, cpu, work, n = (statistics.median(x) for x in zip(*timings))
         rows.append({"system": system, "strategy": strategy, "batch": batch, "images": n, "seconds": seconds,
-                     "images_per_s": n / seconds, "cpu_seconds": time.process_time() - cpu,
-                     "lm_rows": lm_rows.get(system)})
+                     "images_per_s": n / seconds, "cpu_seconds": cpu, "lm_rows": work, "rounds": len(timings)})
     words = [len(c.split()) for c in captions["ours"]]
     assert words == [int(e) - 1 for e in ends], "scripted lengths not respected"  # one word per token here
     assert [len(c) for c in captions.get("ref", [])] == [int(e) for e in ends[:ref_images]]
@@ -393,7 +399,7 @@ def main(argv=None, *, prog: str | None = None) -> int:
         if precision == args.precisions.split(",")[-1] and args.realistic_batch:  # the fastest precision
             for strategy in args.realistic_strategies.split(","):
                 for r in bench_realistic(cap, strategy=strategy, batch=args.realistic_batch, device=device,
-                                         ref_images=args.ref_images):
+                                         ref_images=args.ref_images, repeats=args.repeats):
                     realistic.append({**r, "precision": precision})
                     print(f"  realistic {precision} {strategy} batch {r['batch']} {r['system']}: "
                           f"{r['images_per_s']:.2f} images/s", file=sys.stderr)
