@@ -3,7 +3,9 @@
 One image at a time; no KV cache (every step runs the LM over the whole prefix + generated sequence
 and computes logits at every position); beam search with ClipCap's length-averaged scores. Only
 used by eval/bench.py as the "reference way" to compare against; not part of the library.
-With `force` the stop token is never chosen, so every call does exactly `steps` steps (equal work).
+With `force` the stop token is never chosen, so every call does exactly `steps` steps (equal work); with
+`length` it is forbidden before token `length` and forced there (a caption of scripted length, as
+eval/bench.py's realistic-length rows script every system's captions).
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import torch
 
 
 @torch.no_grad()
-def greedy(lm, embed: torch.Tensor, *, steps: int, stop_id: int, force: bool = False) -> list[int]:
+def greedy(lm, embed: torch.Tensor, *, steps: int, stop_id: int, force: bool = False, length: int | None = None
+           ) -> list[int]:
     """embed (1, Q, D) -> token ids."""
     wte = lm.get_input_embeddings()
     generated, tokens = embed, []
-    for _ in range(steps):
+    for t in range(steps):
         logits = lm(inputs_embeds=generated).logits[:, -1]  # the full sequence, every step
         if force:
             logits[:, stop_id] = float("-inf")
+        logits = _scripted(logits, t, length, stop_id)
         token = int(logits.argmax(-1))
         tokens.append(token)
         if token == stop_id:
@@ -29,15 +33,16 @@ def greedy(lm, embed: torch.Tensor, *, steps: int, stop_id: int, force: bool = F
 
 
 @torch.no_grad()
-def beam(lm, embed: torch.Tensor, *, beam_size: int = 5, steps: int, stop_id: int, force: bool = False
-         ) -> list[int]:
+def beam(lm, embed: torch.Tensor, *, beam_size: int = 5, steps: int, stop_id: int, force: bool = False,
+         length: int | None = None) -> list[int]:
     """ClipCap's generate_beam: embed (1, Q, D) -> the best beam's token ids."""
     wte = lm.get_input_embeddings()
     generated, tokens, scores = embed, None, None
     lengths = torch.ones(beam_size, device=embed.device)
     stopped = torch.zeros(beam_size, dtype=torch.bool, device=embed.device)
-    for _ in range(steps):
-        logp = lm(inputs_embeds=generated).logits[:, -1].float().log_softmax(-1)  # (beams, V)
+    for t in range(steps):
+        logp = lm(inputs_embeds=generated).logits[:, -1].float()  # (beams, V)
+        logp = _scripted(logp, t, length, stop_id).log_softmax(-1)
         if force:
             logp[:, stop_id] = float("-inf")
         if scores is None:
@@ -61,3 +66,14 @@ def beam(lm, embed: torch.Tensor, *, beam_size: int = 5, steps: int, stop_id: in
             break
     best = (scores / lengths).argmax()
     return tokens[best].tolist()
+
+
+def _scripted(logits: torch.Tensor, t: int, length: int | None, stop_id: int) -> torch.Tensor:
+    """Token t's logits with the stop token forbidden before token `length` and forced there."""
+    if length is None:
+        return logits
+    if t < length - 1:
+        return logits.index_fill(-1, torch.tensor([stop_id], device=logits.device), float("-inf"))
+    keep = torch.full_like(logits, float("-inf"))
+    keep[:, stop_id] = logits[:, stop_id]
+    return keep

@@ -29,16 +29,22 @@ class StaticCacheStepper(LMStepper):
     length, dtype, device), so compiled graphs are reused.
 
     The prefix is run uncompiled with a growing cache (its length varies), then gathered into a buffer by
-    the first `select` (beam search's expansion to B * K rows) or the first `step`. The buffers of the
-    `keep` most recent row counts are kept (a run's full batches and its last one). Not thread-safe: one
-    decode at a time per instance."""
+    the first `select` (beam search's expansion to B * K rows) or the first `step`.
+
+    Finished rows leave at chosen points only (`compact_to`): when at most half of the rows are live, the
+    batch halves (B, ceil(B/2), ceil(B/4), ... rows, finished rows padding the count), so a batch size
+    brings at most log2(B) + 1 step shapes to compile, not one per live count. A smaller row count uses the
+    first rows of the same two buffers (views: no new memory; fixed addresses per shape for CUDA graphs).
+    Buffers are kept for the `keep` most recent (length, dtype, device); a larger batch reallocates them.
+    Not thread-safe: one decode at a time per instance."""
 
     RECOMPILE_LIMIT = 64  # compiled shapes (row counts) per process before new ones run uncompiled
 
     def __init__(self, lm: torch.nn.Module, *, max_new_tokens: int, compile: bool = False, keep: int = 2):
         super().__init__(lm, use_cache=True)
         self.max_new_tokens, self.keep = max_new_tokens, keep
-        self.caches: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()  # key -> two StaticCaches
+        # (length, dtype, device) -> {rows: (StaticCache, StaticCache)}: views of the largest row count's pair
+        self.caches: collections.OrderedDict[tuple, dict[int, tuple]] = collections.OrderedDict()
         self.cuda_graphs = False
         self.fixed_buffers = compile  # compiled steps always run on one buffer per row count
         self.forward = self.compiled = lm.forward
@@ -54,6 +60,12 @@ class StaticCacheStepper(LMStepper):
 
             self.over_limit = FailOnRecompileLimitHit
 
+    def compact_to(self, live: int, now: int) -> int:
+        """Rows (beam: images) to keep of `now` when `live` are needed: halve while half still holds them."""
+        while now > 1 and live <= (now + 1) // 2:
+            now = (now + 1) // 2
+        return now
+
     def prefill(self, embeds):
         self.prefix_len = self.length = embeds.shape[1]  # positions filled so far (no GPU sync to learn it)
         return self._cached(inputs_embeds=embeds, logits_to_keep=1)  # a DynamicCache of the prefix
@@ -62,23 +74,50 @@ class StaticCacheStepper(LMStepper):
         from transformers import StaticCache
 
         like = state.layers[0].keys
-        key = (rows, self.prefix_len + self.max_new_tokens, like.dtype, like.device)
+        key = (self.prefix_len + self.max_new_tokens, like.dtype, like.device)
+        if key in self.caches and rows > max(self.caches[key]):
+            del self.caches[key]  # a larger batch than the buffers hold: new buffers
         if key not in self.caches:
             while len(self.caches) >= self.keep:  # bounded memory (each pair is 2 x the whole cache)
                 self.caches.popitem(last=False)
-            self.caches[key] = tuple(StaticCache(config=self.lm.config, max_cache_len=key[1]) for _ in range(2))
+            self.caches[key] = {}
         self.caches.move_to_end(key)
-        return self.caches[key]
+        views = self.caches[key]
+        if rows not in views:
+            full = views[max(views)] if views else None
+            pair = tuple(StaticCache(config=self.lm.config, max_cache_len=key[0]) for _ in range(2))
+            for i, cache in enumerate(pair):
+                for j, d in enumerate(cache.layers):
+                    if full is None:  # allocates (rows, heads, prefix + max_new_tokens, dim) zeros
+                        s = state.layers[j]
+                        d.lazy_initialization(*(x.new_empty(rows, x.shape[1], 1, x.shape[3])
+                                                for x in (s.keys, s.values)))
+                        continue
+                    f = full[i].layers[j]  # a smaller row count: the first `rows` rows of the same buffers
+                    d.lazy_initialization(f.keys[:0], f.values[:0])  # shapes and bookkeeping; 0 rows allocated
+                    d.keys, d.values, d.batch_size = f.keys[:rows], f.values[:rows], rows
+                    torch._dynamo.mark_static_address(d.keys)
+                    torch._dynamo.mark_static_address(d.values)
+            views[rows] = pair
+        return views[rows]
+
+    @staticmethod
+    def _buffer(state, pair) -> int | None:
+        """Which buffer of the pair `state` lives in (0, 1), or None (the prefix's growing cache)."""
+        ptr = state.layers[0].keys.data_ptr()
+        return next((i for i, c in enumerate(pair) if c.layers[0].is_initialized
+                     and c.layers[0].keys.data_ptr() == ptr), None)
 
     def select(self, state, index):
-        main, other = self._pair(index.numel(), state)
-        if not self.fixed_buffers:  # the gather lands in whichever buffer `state` is not
-            target = other if state is main else main
+        main, other = pair = self._pair(index.numel(), state)
+        side = self._buffer(state, pair)
+        if not self.fixed_buffers:  # the gather lands in the buffer `state` is not in
+            target = main if side != 0 else other
             self._gather(state, target, index)
             return target
         # CUDA graphs replay on the addresses they were recorded with: the result always lands in `main`.
-        if state is main:
-            self._gather(main, other, index)
+        if side == 0:
+            self._gather(state, other, index)
             self._gather(other, main, None)
         else:
             self._gather(state, main, index)
@@ -89,9 +128,6 @@ class StaticCacheStepper(LMStepper):
         position n."""
         n = self.length
         for s, d in zip(src.layers, dst.layers):  # (rows, heads, length, dim) each
-            rows = s.keys.shape[0] if index is None else index.numel()
-            if not d.is_initialized:  # allocates (rows, heads, prefix + max_new_tokens, dim) zeros
-                d.lazy_initialization(*(x.new_empty(rows, x.shape[1], 1, x.shape[3]) for x in (s.keys, s.values)))
             for a, b in ((s.keys, d.keys), (s.values, d.values)):
                 if index is None:
                     b[:, :, :n].copy_(a[:, :, :n])
