@@ -105,6 +105,14 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+@torch.no_grad()
+def hf_generate(cap: Captioner, embeds: torch.Tensor, eos: int, **kwargs) -> torch.Tensor:
+    """transformers generate(inputs_embeds=...) on our prefixes: the "hf" system of every table."""
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return cap.model.lm.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=eos, **kwargs)
+
+
 def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, device: str, ref_images: int) -> dict:
     eos = cap.tokenizer.eos_token_id
     dim = cap.model.image_encoder.output_dim
@@ -124,10 +132,7 @@ def bench_decode(cap: Captioner, *, strategy: str, batch: int, system: str, devi
             embeds, _ = cap.model.prefix_embeds(feats)
 
         def run():
-            with torch.no_grad():
-                out = cap.model.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(
-                    embeds.shape[:2], dtype=torch.long, device=device), max_new_tokens=STEPS, min_new_tokens=STEPS,
-                    num_beams=beams, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+            out = hf_generate(cap, embeds, eos, max_new_tokens=STEPS, min_new_tokens=STEPS, num_beams=beams)
             assert out.shape[1] == STEPS
         n = batch
     else:  # the reference: one image at a time
@@ -203,10 +208,8 @@ def bench_realistic(cap: Captioner, *, strategy: str, batch: int, device: str, r
         embeds, _ = cap.model.prefix_embeds(feats)
 
     def hf():
-        with torch.no_grad():
-            out = cap.model.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(
-                embeds.shape[:2], dtype=torch.long, device=device), max_new_tokens=MAX_NEW, num_beams=beams,
-                do_sample=False, eos_token_id=eos, pad_token_id=eos, logits_processor=LogitsProcessorList([Scripted()]))
+        out = hf_generate(cap, embeds, eos, max_new_tokens=MAX_NEW, num_beams=beams,
+                          logits_processor=LogitsProcessorList([Scripted()]))
         captions["hf"] = [decode_ids(cap.tokenizer, row.tolist(), cap.config.stop_tokens) for row in out]
 
     decode = reference_decoder.beam if strategy == "beam" else reference_decoder.greedy
@@ -325,22 +328,38 @@ def bench_folder(cap: Captioner, work: Path, *, images: int, batch: int, device:
 
 
 def training_section(args, device) -> tuple[list[str], list | None]:
-    """Training captions/s via eval/bench_train.py (MLP mapper + fine-tuned GPT-2, cached features)."""
+    """Training captions/s via eval/bench_train.py: ours against the ClipCap-style step (full-sequence logits,
+    padding to the longest caption, unfused fp32 AdamW) on the same data and model, in the same run."""
     if args.skip_train:
         return [], None
     import bench_train
 
     gpu = device.startswith("cuda")
-    with tempfile.TemporaryDirectory() as tmp:
-        ns = argparse.Namespace(lm_size="124M", batch_size=args.train_batch, steps=30 if gpu else 4,
-                                warmup=10 if gpu else 1, precisions="no,bf16" if gpu else "no")
-        work = Path(tmp)
-        bench_train.make_images(work / "data", ns.batch_size * (ns.steps + 2), 8, captions=True)
-        tok = bench_train.train_tokenizer(bench_train.WORDS, vocab_size=400)
-        bench_train.prefill_cache(work, tok)
-        train = [bench_train.bench_training(ns, work, prec, tok) for prec in ns.precisions.split(",")]
-    return [f"training: MLP mapper + fine-tuned GPT-2 124M, cached features, {t['precision']}: "
-            f"{t['captions_per_s']:.1f} captions/s" for t in train], train
+    rows = bench_train.training_rows(lm_size="124M", batch_size=args.train_batch, steps=30 if gpu else 8,
+                                     warmup=10 if gpu else 2, precisions="no,bf16" if gpu else "no")
+    lines = [f"training: MLP mapper + fine-tuned GPT-2 124M, cached features, COCO-like lengths, batch "
+             f"{args.train_batch}:"]
+    for r in rows:
+        ratio = f", {r['vs_clipcap']:.2f}x the ClipCap-style step" if "vs_clipcap" in r else ""
+        lines.append(f"  {r.get('system', 'ours')} {r.get('precision', '')}: {r['captions_per_s']:.1f} captions/s{ratio}")
+    return lines, rows
+
+
+def int8_section(args, device) -> tuple[list[str], list | None]:
+    """int8 against float32 on CPU via eval/bench_int8.py: agreement on the demo model's test split (a demo
+    is trained first unless --int8-demo names one) and decode speed on GPT-2 124M, in the same run."""
+    if args.skip_int8 or device != "cpu":
+        return [], None
+    import bench_int8
+
+    measured = bench_int8.rows(demo=args.int8_demo, batch=args.realistic_batch, repeats=args.repeats)
+    a = measured[0]
+    lines = [f"int8 (--quantize int8) vs fp32: demo test split ({a['images']} images, beam 3): identical captions "
+             f"{100 * a['identical']:.1f}%, CIDEr fp32 {a['cider_fp32']:.4f}, int8 {a['cider_int8']:.4f} "
+             f"({a['cider_diff_pct']:+.2f}%)"]
+    lines += [f"  {r['strategy']} batch {r['batch']}, {r['steps']} tokens: fp32 {r['fp32_images_per_s']:.2f}, int8 "
+              f"{r['int8_images_per_s']:.2f} images/s, {r['ratio']:.2f}x" for r in measured[1:]]
+    return lines, measured
 
 
 # Rows measured after the decoding tables, in order: (JSON key, function (args, device) -> (lines to print,
@@ -348,6 +367,7 @@ def training_section(args, device) -> tuple[list[str], list | None]:
 # ([], None) when its row is skipped.
 SECTIONS: list[tuple[str, Callable[[argparse.Namespace, str], tuple[list[str], Any]]]] = [
     ("training", training_section),
+    ("int8", int8_section),
 ]
 
 
@@ -365,6 +385,9 @@ def main(argv=None, *, prog: str | None = None) -> int:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="JPEG decoding workers of the end-to-end folder run")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-int8", action="store_true", help="skip the int8 rows (CPU only)")
+    p.add_argument("--int8-demo", help="a `captioner demo` output folder for the int8 agreement row "
+                   "(default: train one, about a minute)")
     p.add_argument("--realistic-batch", type=int, default=32,
                    help="batch of the realistic-length rows (0 skips them)")
     p.add_argument("--realistic-strategies", default="greedy,beam", help="of the realistic-length rows (beam: 5)")
