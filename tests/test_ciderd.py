@@ -61,7 +61,8 @@ def test_repeated_ngrams_are_clipped_as_pycocoevalcap_clips_them():
     cands = ["a a a a a a", "a dog a dog a dog", "dog", "a dog runs", ""]
     refs = [["a dog", "a cat a cat"], ["a dog runs on grass", "a dog"], ["dog dog"], ["a dog runs"], ["a dog"]]
     refs += [["the grass is green", "a bird"]] * 3
-    cands += ["the grass", "a bird bird bird", "green green green green"]
+    cands += ["the grass", "a bird bird bird", "green green green green", "a dog runs"]
+    refs += [["", "a dog runs"]]  # an empty reference adds 0 to the mean
     ours, theirs = CiderD().score(cands, refs), pycoco(cands, refs)
     close(ours, theirs)
     assert ours[0] < ours[3]  # the repetition earns less than the exact match

@@ -14,14 +14,15 @@ vectors per n-gram order compared by cosine with the candidate's weights clipped
 penalty exp(-delta^2 / (2 sigma^2)) with sigma 6, the mean over n = 1..4 and over the references, x10.
 Its quirks are kept so numbers match:
 
-* the "length" in the penalty is the number of bigrams (len - 1, 0 for one word), not of words;
+* the "length" in the penalty is the number of bigrams, not of words (the same difference between two
+  non-empty captions; an empty one scores 0 anyway);
 * an n-gram no reference document has gets df 1 (idf log N), and an order whose candidate or reference
   vector is zero contributes 0;
 * with the pairs' own document frequencies, a single pair scores 0 (every idf is log 1 - log 1).
 
-Speed comes from computing each reference's vector once per call (rewards for n samples of an image
-share the image's references: pass `ref_index`), idf by dict lookup and plain floats instead of numpy
-scalars.
+Speed comes from computing each distinct caption's vector once per call (n samples of an image share
+the image's references: pass `ref_index`; repeated samples are common), comparing only the n-grams two
+vectors share (a C-level set intersection), idf by dict lookup and plain floats instead of numpy scalars.
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ class CiderD:
         self.df, self.n, self.sigma = df, n, sigma
 
     def _vector(self, caption: Tokens, idf: dict, df: DocumentFrequency):
-        """tf-idf weights {ngram: w} per order, their norms and the (bigram) length."""
-        vec: list[dict] = [{} for _ in range(self.n)]
+        """tf-idf weights {ngram: w} (all orders in one dict), the norm per order and the (bigram) length."""
+        vec: dict = {}
         sq = [0.0] * self.n
         length = 0
         for g, tf in ngram_counts(caption, self.n).items():
@@ -139,7 +140,7 @@ class CiderD:
                 w = idf[g] = df.idf(g)
             k = len(g) - 1
             w *= tf
-            vec[k][g] = w
+            vec[g] = w
             sq[k] += w * w
             if k == 1:  # pycocoevalcap's length: the number of bigrams
                 length += tf
@@ -156,7 +157,7 @@ class CiderD:
             ref_index = range(len(candidates))
         elif len(ref_index) != len(candidates):
             raise MetricsError(f"{len(candidates)} candidates but {len(ref_index)} reference indices")
-        if any(len(refs) == 0 for refs in references):
+        if any(len(references[j]) == 0 for j in set(ref_index)):
             raise MetricsError("every candidate needs at least one reference")
         df = self.df
         if df is None:  # every pair is one document, as in pycocoevalcap
@@ -164,27 +165,32 @@ class CiderD:
                 return []
             df = DocumentFrequency.from_references((references[j] for j in ref_index), n=self.n)
         idf: dict = {}
+        vectors: dict = {}  # caption -> vector: repeated captions (samples, shared references) once
+
+        def vector(caption):
+            key = caption if isinstance(caption, str) else tuple(caption)
+            v = vectors.get(key)
+            if v is None:
+                v = vectors[key] = self._vector(key, idf, df)
+            return v
+
         groups: dict[int, list] = {}
-        two_var = 2 * self.sigma ** 2
+        two_var, orders = 2 * self.sigma ** 2, range(self.n)
         scores = []
         for cand, j in zip(candidates, ref_index):
             refs = groups.get(j)
             if refs is None:
-                refs = groups[j] = [self._vector(r, idf, df) for r in references[j]]
-            vec, norm, length = self._vector(cand, idf, df)
+                refs = groups[j] = [vector(r) for r in references[j]]
+            vec, norm, length = vector(cand)
             total = 0.0
             for vec_r, norm_r, length_r in refs:
+                dots = [0.0] * self.n
+                for g in vec.keys() & vec_r.keys():  # only shared n-grams add to the clipped dot product
+                    w, r = vec[g], vec_r[g]
+                    dots[len(g) - 1] += (w if w < r else r) * r
                 val = 0.0
-                for k in range(self.n):
-                    hyp, ref = vec[k], vec_r[k]
-                    dot = 0.0
-                    for g, w in hyp.items():
-                        r = ref.get(g)
-                        if r is not None:
-                            dot += (w if w < r else r) * r
-                    if norm[k] != 0 and norm_r[k] != 0:
-                        dot /= norm[k] * norm_r[k]
-                    val += dot
+                for k in orders:
+                    val += dots[k] / (norm[k] * norm_r[k]) if norm[k] != 0 and norm_r[k] != 0 else dots[k]
                 delta = float(length - length_r)
                 total += val * math.exp(-(delta * delta) / two_var)
             scores.append(total / self.n / len(refs) * 10.0)
