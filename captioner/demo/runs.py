@@ -174,10 +174,11 @@ def _step_seconds(run: Path) -> float:
 
 def run_scst_demo(output_dir: str | Path = "demo_scst_out", *, data: str | Path | None = None, n_train: int = 600,
                   xe_epochs: int = 12, steps: int = 60, xe_lr: float = 2e-4, scst_lr: float = 2e-4,
-                  seed: int = 0, val_images: int = 30) -> ScstDemoResult:
+                  batch_size: int = 160, seed: int = 0, val_images: int = 30) -> ScstDemoResult:
     """The shapes demo's cross-entropy captioner (trained here, or the one in output_dir/base from an earlier
-    call), then `steps` steps of cross-entropy and of SCST from it with the same batch size, scored on the
-    test split. `data`: an existing shapes set (default: generated with n_train training images)."""
+    call), then `steps` steps of cross-entropy and of SCST from it, both with batch_size captions per step
+    (SCST: batch_size / 5 images x 5 samples), scored on the test split. `data`: an existing shapes set
+    (default: generated with n_train training images). `seed` also seeds the continuations."""
     import dataclasses
 
     from captioner.train.loop import caption_metrics, encode_examples
@@ -193,7 +194,8 @@ def run_scst_demo(output_dir: str | Path = "demo_scst_out", *, data: str | Path 
     if not (base / "config.json").exists():
         train(config, tokenizer=tokenizer)
     # Both continuations: same start, steps and batch size, a constant learning rate, a log line per step.
-    more = dict(init_from=str(base), max_steps=steps, epochs=1000, warmup_steps=0, schedule="constant", log_every=1)
+    more = dict(init_from=str(base), max_steps=steps, epochs=1000, warmup_steps=0, schedule="constant", log_every=1,
+                batch_size=batch_size)
     runs = {"base": out / "base", "xe": out / "xe", "scst": out / "scst"}
     train(dataclasses.replace(config, output_dir=str(runs["xe"]), lr=xe_lr, **more))
     train(dataclasses.replace(config, output_dir=str(runs["scst"]), lr=scst_lr, scst=True, **more))
