@@ -359,9 +359,9 @@ def _scst_demo(args) -> int:
     print("\ntest split, CIDEr (greedy captions; NOT COCO-exact: pure-Python tokenizer, same for every column):")
     print(f"  {'cross-entropy':>14}{'+ cross-entropy':>17}{'+ SCST':>10}")
     print(f"  {r.start:>14.4f}{r.xe:>17.4f}{r.scst:>10.4f}")
-    n = len(r.rewards)
-    print(f"  SCST mean reward (CIDEr-D of the samples): first {n // 4} steps {sum(r.rewards[:n // 4]) / max(1, n // 4):.3f}, "
-          f"last {n // 4} steps {sum(r.rewards[-(n // 4):]) / max(1, n // 4):.3f}")
+    q = max(1, len(r.rewards) // 3)
+    print(f"  SCST mean reward (CIDEr-D of the samples): first {q} steps {sum(r.rewards[:q]) / q:.3f}, "
+          f"last {q} steps {sum(r.rewards[-q:]) / q:.3f}")
     print(f"  seconds per step: cross-entropy {r.seconds_per_step['xe']:.3f}, SCST {r.seconds_per_step['scst']:.3f}")
     print(f"\nruns: {', '.join(str(p) for p in r.runs.values())}")
     return EXIT_OK
