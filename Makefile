@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-audio test bench clean
+.PHONY: install demo demo-audio demo-scst test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 demo-audio: $(STAMP)
 	$(VENV)/bin/captioner demo --audio --output-dir demo_audio_out
 
+# The demo's captioner continued with SCST vs with as many more cross-entropy steps, scored side by side.
+demo-scst: $(STAMP)
+	$(VENV)/bin/captioner demo --scst --output-dir demo_scst_out
+
 # tests/test_serve_browser.py needs Chromium and its driver (Debian: chromium chromium-driver; .ci/run installs them)
 test: $(STAMP)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -31,4 +35,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf demo_out demo_audio_out runs .pytest_cache
+	rm -rf demo_out demo_audio_out demo_scst_out runs .pytest_cache

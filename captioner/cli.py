@@ -41,6 +41,10 @@ def cmd_train(args) -> int:
 
         preset_train, preset_model = preset_fields(args.preset)
         base, model_base = {**preset_train, **base}, {**preset_model, **model_base}
+    if getattr(args, "scst", base.get("scst")):  # SCST's usual lr and epochs, under the config file and flags
+        from captioner.train.scst import SCST_DEFAULTS
+
+        base = {**SCST_DEFAULTS, **base}
     model = config_from_args(ModelConfig, args, model_base)
     config = config_from_args(TrainConfig, args, base)
     config = dataclasses.replace(config, model=model)
@@ -341,6 +345,8 @@ def cmd_demo(args) -> int:
 
     if args.audio:
         return _audio_demo(args, run_audio_demo)
+    if args.scst:
+        return _scst_demo(args)
     result = run_demo(args.output_dir, epochs=args.epochs or 12, n_train=args.n_train or 600, seed=args.seed)
     print("\nsample test captions (prediction | first reference):")
     for image, pred, refs in result.samples[:8]:
@@ -374,6 +380,22 @@ def _audio_demo(args, run_audio_demo) -> int:
     print(f"  note: baselines {r.baselines['caption']!r}, {r.baselines['image']!r}, {r.baselines['audio']!r}; "
           "'its part' scores the image (or sound) half of each caption against the same half of the references")
     print(f"\nmodel: {r.model_dir}\nreport: {r.report}")
+    return EXIT_OK
+
+
+def _scst_demo(args) -> int:
+    from captioner.demo.runs import run_scst_demo
+
+    kw = {k: v for k, v in (("xe_epochs", args.epochs), ("n_train", args.n_train), ("steps", args.steps)) if v}
+    r = run_scst_demo(args.output_dir if args.output_dir != "demo_out" else "demo_scst_out", seed=args.seed, **kw)
+    print("\ntest split, CIDEr (greedy captions; NOT COCO-exact: pure-Python tokenizer, same for every column):")
+    print(f"  {'cross-entropy':>14}{'+ cross-entropy':>17}{'+ SCST':>10}")
+    print(f"  {r.start:>14.4f}{r.xe:>17.4f}{r.scst:>10.4f}")
+    q = max(1, len(r.rewards) // 3)
+    print(f"  SCST mean reward (CIDEr-D of the samples): first {q} steps {sum(r.rewards[:q]) / q:.3f}, "
+          f"last {q} steps {sum(r.rewards[-q:]) / q:.3f}")
+    print(f"  seconds per step: cross-entropy {r.seconds_per_step['xe']:.3f}, SCST {r.seconds_per_step['scst']:.3f}")
+    print(f"\nruns: {', '.join(str(p) for p in r.runs.values())}")
     return EXIT_OK
 
 

@@ -317,9 +317,27 @@ class TrainConfig:
     max_nonfinite_steps: int = _doc("A step whose loss or gradient is not finite (NaN/inf) is skipped; this many "
                                     "in a row stop training with an error (the weights are saved when still "
                                     "finite).", default=5)
+    init_from: str | None = _doc("Start from the weights of a saved captioner (e.g. an earlier run's best/); its "
+                                 "model config and tokenizer replace model.", default=None)
+    # Self-critical sequence training (train/scst.py): the same loop, a reward instead of cross-entropy.
+    scst: bool = _doc("Self-critical sequence training (SCST) instead of cross-entropy, usually from init_from: "
+                      "per image, scst_samples sampled captions are rewarded with CIDEr-D against its references "
+                      "(document frequencies of the training references, cached beside the run); the validation "
+                      "CIDEr (else the mean reward) decides best/. The CLI's defaults with it: lr 1e-5, 3 epochs. "
+                      "batch_size counts sampled captions.", default=False)
+    scst_samples: int = _doc("SCST: captions sampled per image (temperature 1, no top-k/top-p).", default=5)
+    scst_baseline: str = _doc("SCST: reward baseline, 'mean' (of the image's other samples) or 'greedy' (the "
+                              "reward of its greedy caption).", default="mean")
+    scst_max_tokens: int = _doc("SCST: maximum tokens of a sampled caption (EOS included).", default=30)
+    clip_reward_weight: float = _doc("SCST: add this times CLIPScore (sample vs image, with the captioner's "
+                                     "pretrained CLIP) to the CIDEr-D reward; 0 disables.", default=0.0)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
+        if self.scst_baseline not in ("mean", "greedy"):
+            raise ConfigError(f"scst_baseline must be mean or greedy, got {self.scst_baseline!r}")
+        if self.scst and self.scst_baseline == "mean" and self.scst_samples < 2:
+            raise ConfigError("the mean baseline needs scst_samples >= 2 (it averages the other samples)")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.val_strategy not in ("greedy", "beam"):
@@ -333,7 +351,8 @@ class TrainConfig:
             "weight_decay": ">=0f", "warmup_steps": ">=0", "grad_clip": ">=0f", "max_caption_tokens": ">=2",
             "modality_dropout": "0..1", "seed": ">=0", "encode_batch_size": ">=1", "num_workers": ">=0",
             "val_images": ">=0", "val_num_beams": ">=1", "save_every": ">=0", "val_every": ">=0", "log_every": ">=1",
-            "max_nonfinite_steps": ">=1"})
+            "max_nonfinite_steps": ">=1", "scst_samples": ">=1", "scst_max_tokens": ">=1",
+            "clip_reward_weight": ">=0f"})
         if self.seed >= 2 ** 32:  # numpy's seed range
             raise ConfigError(f"seed must be < 2**32, got {self.seed}")
 

@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="store_true", help="the image + sound variant: scenes whose captions need "
                                                         "both inputs, a tiny CLAP audio encoder, scored from both "
                                                         "inputs, the image alone and the sound alone")
+    p.add_argument("--scst", action="store_true", help="the SCST variant: the cross-entropy captioner, then as many "
+                                                       "more cross-entropy steps or SCST steps, scored side by side "
+                                                       "(default output demo_scst_out)")
+    p.add_argument("--steps", type=positive_int, help="--scst: steps of each continuation (default: 60)")
     p.add_argument("--epochs", type=positive_int, help="training epochs (default: 12)")
     p.add_argument("--n-train", type=positive_int,
                    help="training items (default: 600 images; 432 scenes with --audio)")

@@ -8,11 +8,15 @@ CIDEr) next to a most-frequent-caption baseline, and writes an HTML gallery.
 ("a red circle and two high beeps"), a tiny CLAP audio encoder and modality dropout; it captions the
 test split from both inputs, the image alone and the sound alone, and scores each whole caption and the
 part of it each input can know, next to most-frequent baselines.
+
+`run_scst_demo` continues the shapes demo's cross-entropy captioner with SCST and, for comparison, with
+as many cross-entropy steps, and scores the three on the test split.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from pathlib import Path
 from captioner.api import Captioner
 from captioner.config import DecodeConfig
 from captioner.data import read_imagefolder
+from captioner.files import read_lines
 from captioner.scoring.metrics import score_captions
 from captioner.scoring.report import write_report
 from captioner.demo.numerics import with_pinned_threads
@@ -149,3 +154,63 @@ def run_audio_demo(output_dir: str | Path = "demo_audio_out", *, epochs: int = 1
         corpus={f"CIDEr {k}": v for k, v in whole.items()})
     return AudioDemoResult(whole=whole, parts=parts, baselines=baselines, coco_exact=exact, samples=samples,
                            model_dir=best, report=report)
+
+
+@dataclass
+class ScstDemoResult:
+    """Test CIDEr (greedy captions, pure-Python tokenisation) of a cross-entropy captioner ("start"), after
+    `steps` more cross-entropy steps ("xe") and after as many SCST steps from the same checkpoint ("scst")."""
+
+    start: float
+    xe: float
+    scst: float
+    rewards: list[float]  # mean SCST reward of each step, in order
+    seconds_per_step: dict[str, float]  # median wall time of one optimiser step: xe, scst
+    runs: dict[str, Path]  # base, xe, scst run directories
+
+
+def _step_seconds(run: Path) -> float:
+    times = [json.loads(line)["time"] for line in read_lines(run / "metrics.jsonl") if '"time"' in line]
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    return gaps[len(gaps) // 2] if gaps else float("nan")
+
+
+def run_scst_demo(output_dir: str | Path = "demo_scst_out", *, data: str | Path | None = None, n_train: int = 600,
+                  xe_epochs: int = 12, steps: int = 60, xe_lr: float = 2e-4, scst_lr: float = 2e-4,
+                  batch_size: int = 160, seed: int = 0, val_images: int = 30) -> ScstDemoResult:
+    """The shapes demo's cross-entropy captioner (trained here, or the one in output_dir/base from an earlier
+    call), then `steps` steps of cross-entropy and of SCST from it, both with batch_size captions per step
+    (SCST: batch_size / 5 images x 5 samples), scored on the test split. `data`: an existing shapes set
+    (default: generated with n_train training images). `seed` also seeds the continuations."""
+    import dataclasses
+
+    from captioner.train.loop import caption_metrics, encode_examples
+
+    out = Path(output_dir)
+    data = Path(data) if data is not None else make_shapes_dataset(out / "data", n_train=n_train, n_val=60,
+                                                                    n_test=60, seed=seed)
+    train_ex, _ = read_imagefolder(data, "train")
+    tokenizer = train_tokenizer([c for ex in train_ex for c in ex.captions])
+    config = demo_train_config(data, out / "base", tokenizer, epochs=xe_epochs, seed=seed)
+    config = dataclasses.replace(config, feature_cache=str(out / "features"), val_images=val_images)
+    base = out / "base" / "last"
+    if not (base / "config.json").exists():
+        train(config, tokenizer=tokenizer)
+    # Both continuations: same start, steps and batch size, a constant learning rate, a log line per step.
+    more = dict(init_from=str(base), max_steps=steps, epochs=1000, warmup_steps=0, schedule="constant", log_every=1,
+                batch_size=batch_size)
+    runs = {"base": out / "base", "xe": out / "xe", "scst": out / "scst"}
+    train(dataclasses.replace(config, output_dir=str(runs["xe"]), lr=xe_lr, **more))
+    train(dataclasses.replace(config, output_dir=str(runs["scst"]), lr=scst_lr, scst=True, **more))
+
+    test_ex, _ = read_imagefolder(data, "test")
+    scores, feats = {}, None
+    for name, run in runs.items():
+        captioner = Captioner.from_pretrained(run / "last")
+        if feats is None:
+            test_ex, feats = encode_examples(captioner, test_ex, config, desc="encoding test")
+        scores[name] = caption_metrics(captioner, feats, test_ex, limit=len(test_ex),
+                                       decode=DecodeConfig(strategy="greedy", max_new_tokens=20))["val_cider"]
+    rewards = [json.loads(line)["reward"] for line in read_lines(runs["scst"] / "metrics.jsonl") if '"reward"' in line]
+    return ScstDemoResult(start=scores["base"], xe=scores["xe"], scst=scores["scst"], rewards=rewards,
+                          seconds_per_step={k: _step_seconds(runs[k]) for k in ("xe", "scst")}, runs=runs)

@@ -14,6 +14,7 @@ TensorBoard logs when installed), `last/` and `best/` captioners, and `state/` f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -199,7 +200,8 @@ def _own_accelerator_state():
 
 
 # What a training run writes into its output directory (another run's files are never touched).
-RUN_FILES = ("train_config.json", "command.txt", "metrics.jsonl", "tensorboard", "state", "last", "best")
+RUN_FILES = ("train_config.json", "command.txt", "metrics.jsonl", "tensorboard", "state", "last", "best",
+             "ciderd_df.json")
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -228,6 +230,12 @@ def train(config: TrainConfig, *, tokenizer=None, argv: list[str] | None = None)
     """Train a captioner; returns the path of the best saved captioner (`last/` when no validation score was
     finite). Raises TrainingError when the loss is not finite for `max_nonfinite_steps` steps in a row."""
     out = Path(config.output_dir)
+    if config.init_from:  # the saved captioner's architecture (its weights are loaded in _train)
+        from captioner.model.checkpoint import read_config
+
+        if config.overwrite and out.resolve() in Path(config.init_from).resolve().parents:
+            raise ConfigError(f"init_from {config.init_from} is inside {out}, which overwrite would remove first")
+        config = dataclasses.replace(config, model=read_config(config.init_from)[0])
     if config.model.lm_config is not None and not config.model.finetune_lm:
         raise ConfigError("lm_config builds a randomly initialised LM, and a frozen one never learns the language: "
                           "fine-tune it (finetune_lm) or load a pretrained LM (lm) instead")
@@ -279,7 +287,8 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
                        "would repeat the training images, so it is skipped; pass --val-split none to silence this",
                        config.data, config.val_split)
         val_ex = []
-    captioner = Captioner.from_config(config.model, tokenizer=tokenizer, device=accelerator.device)
+    captioner = (Captioner.from_pretrained(config.init_from, device=accelerator.device) if config.init_from else
+                 Captioner.from_config(config.model, tokenizer=tokenizer, device=accelerator.device))
     tok = captioner.tokenizer
     check_vocabulary(tok, captioner.model.lm)
     with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
@@ -292,6 +301,12 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
     sampler = CaptionBatchSampler([len(x) for x in ids], batch_size=config.batch_size, seed=config.seed,
                                   bucket=config.bucket_by_length, rank=rank, world=world)
     train_loader = make_loader(train_feats, rows, ids, tok, sampler)
+    scst = None
+    if config.scst:  # batches of images, a reward instead of cross-entropy (train/scst.py)
+        from captioner.train.scst import ScstStage
+
+        scst = ScstStage(config, captioner, train_ex, out, accelerator=accelerator, resuming=resuming)
+        sampler, train_loader = scst.loader(train_feats, rank=rank, world=world)
     val_loader = None
     if val_ex:
         vrows, vids = tokenize_pairs(tok, val_ex, max_tokens=config.max_caption_tokens, prompt=config.model.prompt)
@@ -301,7 +316,7 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
 
     model = captioner.model
     for m, mapper in model.mappers.items():
-        if mapper.feature_norm is not None and not resuming:  # on resume the statistics come back with the state
+        if mapper.feature_norm is not None and not resuming and not config.init_from:  # else they come with the weights
             mapper.feature_norm.fit(train_feats.features[m][train_feats.present[m]])
     params = [p for p in model.parameters() if p.requires_grad]
     if main_proc:
@@ -346,6 +361,9 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
             if val_ex and config.val_images > 0:
                 record.update(caption_metrics(cap, val_feats, val_ex, limit=config.val_images, decode=val_decode))
                 record["val_decoding"] = val_decoding_name
+        if scst is not None:  # SCST: the validation CIDEr (else the reward) decides best/
+            score = scst.selection_score(record)
+        if main_proc:
             log.log(record)
             logger.info("epoch %d: %s", epoch_no,
                         ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -382,7 +400,8 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
             # Gradients are synchronised across processes only on the pass that ends an optimiser step.
             last_micro = (i + 1) % config.grad_accum_steps == 0 or i + 1 == n_batches
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                loss = model(features, ids_b, mask, present).loss
+                loss = (scst.loss(model, features, present, ids_b, seed=config.seed * 1_000_003 + epoch * 100_003 + i)
+                        if scst else model(features, ids_b, mask, present).loss)
                 accelerator.backward(loss / config.grad_accum_steps)
             bad |= ~torch.isfinite(loss.detach())
             seen += ids_b.shape[0] * world
@@ -416,7 +435,8 @@ def _train(config: TrainConfig, out: Path, state_dir: Path | None, *, tokenizer,
                 bar.set_postfix(loss=f"{value:.3f}", caps_per_s=f"{rate:.0f}")
                 if step % config.log_every == 0:
                     log.log({"step": step, "epoch": epoch + 1, "loss": value, "lr": scheduler.get_last_lr()[0],
-                             "captions_per_s": rate, "captions": seen, "time": time.time()})
+                             "captions_per_s": rate, "captions": seen, "time": time.time(),
+                             **(scst.log_fields() if scst else {})})
             if config.val_every and step % config.val_every == 0 and done_batches < n_batches:
                 validate_and_save(epoch + 1, loss.item())  # the epoch's end validates anyway
             if config.save_every and step % config.save_every == 0 and done_batches < n_batches:
