@@ -198,7 +198,8 @@ def test_scst_from_a_converged_base_against_as_many_cross_entropy_steps(tmp_path
                       batch_size=CMP_BATCH)
     print(f"\ntest CIDEr: start {r.start:.3f}, +{CMP_STEPS} XE steps {r.xe:.3f}, +{CMP_STEPS} SCST steps {r.scst:.3f}")
     q = CMP_STEPS // 3
-    assert sum(r.rewards[-q:]) / q > sum(r.rewards[:q]) / q  # measured +0.26 (seed 0), +0.20 (seed 1)
-    assert r.scst > r.start  # measured 4.279 -> 4.624 (seed 0), 4.329 (seed 1)
-    # Not asserted: SCST above +XE. Measured over continuation seeds 0 / 1 (eval/scst_noise.py), +XE 4.376 / 4.478,
-    # +SCST 4.624 / 4.329: the difference (+0.25 / -0.15) is within the run-to-run noise (README's SCST section).
+    assert sum(r.rewards[-q:]) / q > sum(r.rewards[:q]) / q  # measured +0.26 / +0.20 / +0.21 (seeds 0 / 1 / 2)
+    assert r.scst > r.start  # measured 4.279 -> 4.624 / 4.329 / 4.412 (seeds 0 / 1 / 2)
+    # Not asserted: SCST above +XE. Measured over continuation seeds 0 / 1 / 2, +XE 4.376 / 4.478 / 4.474,
+    # +SCST 4.624 / 4.329 / 4.412: the difference (+0.25 / -0.15 / -0.06) is within
+    # the run-to-run noise (README's SCST section).
