@@ -1,9 +1,9 @@
 """SCST learning test, measured over seeds: run-to-run noise of test CIDEr after K more cross-entropy steps vs
 K SCST steps from the same cross-entropy captioner, and seconds per step of each (the cost ratio).
 
-The setting of tests/test_scst.py: the shapes set of tests/conftest.py (360 train, 30 val, 60 test images,
-seed 1), the demo's tiny captioner trained XE_EPOCHS epochs once (seed 0), then for each seed both
-continuations (the seed sets the batch order and the samples).
+The recipe of tests/test_scst.py's slow comparison test (its CMP_* constants): a shapes set (CMP_TRAIN train,
+30 val, 60 test images, seed 1), the demo's tiny captioner trained XE_EPOCHS epochs once (seed 0), then for
+each seed both full-batch continuations (the seed sets the batch order and the samples).
 
     python eval/scst_noise.py [--seeds 0,1,2] [--out /tmp/scst_noise]
 Prints a table and one JSON line.
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from captioner.demo.runs import run_scst_demo  # noqa: E402
 from captioner.demo.shapes import make_shapes_dataset  # noqa: E402
-from test_scst import SCST_LR, STEPS, XE_EPOCHS, XE_LR  # noqa: E402  (the learning test's recipe)
+from test_scst import CMP_BATCH as BATCH, CMP_EPOCHS as XE_EPOCHS, CMP_LR, CMP_STEPS as STEPS, CMP_TRAIN  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -31,12 +31,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="/tmp/scst_noise")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    data = make_shapes_dataset(out / "data", n_train=360, n_val=30, n_test=60, seed=1)
+    data = make_shapes_dataset(out / "data", n_train=CMP_TRAIN, n_val=30, n_test=60, seed=1)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         # one base (trained on the first call, seed 0 as in the test), continuations seeded per seed
-        r = run_scst_demo(out / "runs", data=data, xe_epochs=XE_EPOCHS, steps=STEPS, xe_lr=XE_LR, scst_lr=SCST_LR,
-                          seed=seed) if seed == 0 else _continue(out, data, seed)
+        r = run_scst_demo(out / "runs", data=data, xe_epochs=XE_EPOCHS, steps=STEPS, xe_lr=CMP_LR, scst_lr=CMP_LR,
+                          batch_size=BATCH, seed=seed) if seed == 0 else _continue(out, data, seed)
         rows.append({"seed": seed, "start": r.start, "xe": r.xe, "scst": r.scst, "diff": r.scst - r.xe,
                      "reward_first": statistics.mean(r.rewards[:STEPS // 3]),
                      "reward_last": statistics.mean(r.rewards[-(STEPS // 3):]),
@@ -65,7 +65,8 @@ def _continue(out, data, seed):
     if not (root / "base").exists():
         shutil.copytree(out / "runs" / "base", root / "base")
         shutil.copytree(out / "runs" / "features", root / "features", dirs_exist_ok=True)
-    return run_scst_demo(root, data=data, xe_epochs=XE_EPOCHS, steps=STEPS, xe_lr=XE_LR, scst_lr=SCST_LR, seed=seed)
+    return run_scst_demo(root, data=data, xe_epochs=XE_EPOCHS, steps=STEPS, xe_lr=CMP_LR, scst_lr=CMP_LR,
+                         batch_size=BATCH, seed=seed)
 
 
 if __name__ == "__main__":
