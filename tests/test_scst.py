@@ -59,12 +59,15 @@ def test_advantages_mean_of_the_other_samples_and_greedy():
     assert torch.allclose(advantages(reward, torch.tensor([2.0, 1.0])), torch.tensor([[-1.0, 0.0, 1.0], [-1.0, -1.0, 3.0]]))
 
 
-def test_sequence_logprobs_count_tokens_up_to_the_first_eos_only(make_captioner, tmp_path):
+def one_image_stage(make_captioner, tmp_path):
+    """A tiny captioner, its SCST stage, EOS id, and the features + presence mask of one random image."""
     cap = make_captioner()
-    st = stage(cap, tmp_path)
-    eos = cap.tokenizer.eos_token_id
     feats = {"image": torch.randn(1, cap.model.encoders["image"].output_dim)}
-    present = {"image": torch.ones(1, dtype=torch.bool)}
+    return cap, stage(cap, tmp_path), cap.tokenizer.eos_token_id, feats, {"image": torch.ones(1, dtype=torch.bool)}
+
+
+def test_sequence_logprobs_count_tokens_up_to_the_first_eos_only(make_captioner, tmp_path):
+    cap, st, eos, feats, present = one_image_stage(make_captioner, tmp_path)
     a = torch.tensor([[5, 7, eos, 9, 11], [5, 7, eos, 12, 3]])  # the same caption, different padding
     cap.model.eval()
     with torch.no_grad():
@@ -75,11 +78,7 @@ def test_sequence_logprobs_count_tokens_up_to_the_first_eos_only(make_captioner,
 
 
 def test_a_step_raises_the_log_probability_of_samples_above_the_baseline(make_captioner, tmp_path):
-    cap = make_captioner()
-    st = stage(cap, tmp_path)
-    eos = cap.tokenizer.eos_token_id
-    feats = {"image": torch.randn(1, cap.model.encoders["image"].output_dim)}
-    present = {"image": torch.ones(1, dtype=torch.bool)}
+    cap, st, eos, feats, present = one_image_stage(make_captioner, tmp_path)
     tokens = torch.tensor([[5, 7, eos], [9, 11, eos]])
     advantage = torch.tensor([1.0, -1.0])
     cap.model.eval()  # no dropout: the change comes from the step alone
