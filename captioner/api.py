@@ -74,9 +74,8 @@ class Captioner:
         self.model.to(self.device)
         if dtype is not None:
             self.model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
-        self.quantize = quantize
         if quantize:
-            quantize_int8(self.model)
+            quantize_int8(self.model)  # marks model.quantized
         # decoding/rerank.py: what DecodeConfig.rerank scores with (a CandidateScorer or a CLIPScorer);
         # None: the captioner's own CLIP, built on first use when it has a pretrained text tower.
         self.rerank_scorer = None
@@ -84,6 +83,11 @@ class Captioner:
         self._packed_head = PackedHead()  # kept: holds the packed copy of the LM head's weight
 
     # ------------------------------------------------------------------ construction
+
+    @property
+    def quantize(self) -> str | None:
+        """"int8" when the model's layers are quantized (model/quantize.py), else None."""
+        return getattr(self.model, "quantized", None)
 
     @classmethod
     def from_config(cls, config: ModelConfig, *, tokenizer=None, device=None, dtype=None, quantize=None
@@ -327,17 +331,25 @@ class Captioner:
         dataset = InputDataset(inputs, self.input_reader(max_pixels=max_pixels, jpegs=pipeline is not None))
         for batch, groups in self.feature_batches(dataset, batch_size=batch_size, num_workers=num_workers,
                                                   pipeline=pipeline):
-            captions = {}
-            for rows, features in groups:
-                images, how = None, decode
-                if decode is not None and decode.rerank:  # candidates are scored against the images as given
-                    if "image" not in features:  # nothing to score against: the LM's own order
-                        how = dataclasses.replace(decode, rerank=None)
-                    else:
-                        images = [self._pil(inputs[batch[j][0]]["image"], max_pixels) for j in rows]
-                captions.update(zip(rows, self.caption_features(features, how, images)))
+            captions = self.caption_groups(groups, decode,
+                                           lambda j: self._pil(inputs[batch[j][0]]["image"], max_pixels))
             for j, (i, _, error) in enumerate(batch):
                 yield i, captions.get(j), error
+
+    def caption_groups(self, groups, decode: DecodeConfig | None, image_of=None) -> dict[int, list[str]]:
+        """Captions of one batch from `feature_batches`: {row: captions} over its (rows, features) groups.
+        With reranking, `image_of(row)` gives the PIL image the candidates are scored against; a group
+        without images keeps the LM's own order."""
+        captions = {}
+        for rows, features in groups:
+            images, how = None, decode
+            if decode is not None and decode.rerank:  # candidates are scored against the images as given
+                if "image" not in features:  # nothing to score against: the LM's own order
+                    how = dataclasses.replace(decode, rerank=None)
+                else:
+                    images = [image_of(j) for j in rows]
+            captions.update(zip(rows, self.caption_features(features, how, images)))
+        return captions
 
     @staticmethod
     def _pil(value, max_pixels) -> Image.Image:

@@ -332,6 +332,8 @@ def cmd_serve(args) -> int:
     from captioner.api import Captioner
 
     settings, decode = config_from_args(ServeConfig, args), config_from_args(DecodeConfig, args)
+    if decode.rerank:  # the server keeps decoded tensors, not the images reranking scores against
+        raise CLIError("serve does not rerank (--rerank): caption with `captioner caption --rerank clip` instead")
     serve_forever(lambda: Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype), settings,
                   decode, log_level="info" if args.verbose else "warning")
     return EXIT_OK

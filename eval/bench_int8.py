@@ -66,7 +66,7 @@ def speed(*, strategies=("greedy", "beam"), batch: int = 32, repeats: int = 3) -
 
     fp32 = bench.build("cpu", "fp32")
     int8 = copy.deepcopy(fp32)
-    int8.model, int8.quantize = quantize_int8(int8.model), "int8"
+    int8.model = quantize_int8(int8.model)
     feats = torch.randn(batch, fp32.model.image_encoder.output_dim)
     rows = []
     for strategy in strategies:

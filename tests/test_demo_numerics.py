@@ -8,7 +8,7 @@ import torch
 
 from captioner.demo import numerics
 from captioner.data import read_imagefolder
-from captioner.demo.runs import demo_train_config, run_audio_demo, run_demo
+from captioner.demo.runs import demo_train_config, run_audio_demo, run_demo, run_scst_demo
 from captioner.demo.tiny import train_tokenizer
 from captioner.train.loop import train
 
@@ -36,7 +36,7 @@ def test_demo_training_does_not_depend_on_the_callers_thread_count(tmp_path, sha
         torch.set_num_threads(before)
     assert weights[0] == weights[1]
     # and the demos run under the pin
-    assert run_demo.__wrapped__ and run_audio_demo.__wrapped__
+    assert all(hasattr(demo, "__wrapped__") for demo in (run_demo, run_audio_demo, run_scst_demo))
 
 
 def test_pin_kernels_fills_only_what_the_user_left_unset(monkeypatch):

@@ -162,7 +162,7 @@ def test_scst_run_caches_df_and_picks_best_by_validation_cider(scst_demo):
     df = DocumentFrequency.load(run / scst_mod.DF_FILE)
     assert df.num_docs == 360  # the shapes set's training images
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().split("\n") if line]
-    assert any("val_cider" in r for r in records) and all(r["reward"] >= 0 for r in records if "reward" in r)
+    assert any("val_cider" in r for r in records) and any(r.get("reward", 0) > 0 for r in records)  # CIDEr-D rewards were computed
     assert (run / "best" / "config.json").exists()
     assert json.loads((run / "train_config.json").read_text())["scst"] is True
 

@@ -199,10 +199,11 @@ def _left_to_right(stepper, embeds, *, max_new_tokens, eos_id, pad_id, choose=No
         else:
             scores[rows] += torch.where(finished, 0.0, logp)
             out[rows, t], done[rows] = token, now
-        if done.all() or t == max_new_tokens - 1:
+        live = int((~now).sum())  # one host sync per step; rows that left the batch are done already
+        if live == 0 or t == max_new_tokens - 1:
             break
-        if compact and bool(now.any()):
-            n = _compact_to(stepper, int((~now).sum()), now.numel())
+        if compact and live < now.numel():
+            n = _compact_to(stepper, live, now.numel())
             if n < now.numel():
                 keep = _kept(now, n)  # (n,) positions among the computed rows
                 rows = keep if rows is None else rows[keep]
@@ -299,10 +300,11 @@ def beam_search(stepper: Stepper, embeds: torch.Tensor, *, num_beams: int, num_r
         worst = fin_scores[imgs, -1]
         now = was_done | ((worst > big) & (beam_scores[:, 0] / length <= worst))  # (I,)
         done[imgs] = now
-        if done.all() or t == max_new_tokens - 1:
+        live = int((~now).sum())  # one host sync per step; images that left the batch are done already
+        if live == 0 or t == max_new_tokens - 1:
             break
-        if compact and bool(now.any()):
-            m = _compact_to(stepper, int((~now).sum()), n)
+        if compact and live < n:
+            m = _compact_to(stepper, live, n)
             if m < n:
                 kept = _kept(now, m)  # (m,) positions among the computed images
                 imgs, beam_scores = imgs[kept], beam_scores[kept]

@@ -175,6 +175,7 @@ def _step_seconds(run: Path) -> float:
     return gaps[len(gaps) // 2] if gaps else float("nan")
 
 
+@with_pinned_threads
 def run_scst_demo(output_dir: str | Path = "demo_scst_out", *, data: str | Path | None = None, n_train: int = 600,
                   xe_epochs: int = 12, steps: int = 60, xe_lr: float = 2e-4, scst_lr: float = 2e-4,
                   batch_size: int = 160, seed: int = 0, val_images: int = 30) -> ScstDemoResult:

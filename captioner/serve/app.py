@@ -60,9 +60,8 @@ def caption_batch(captioner, inputs: list[dict], decode: DecodeConfig, prompt: s
     rows = [(i, x, None) for i, x in enumerate(inputs)]
     with _prompt(captioner, prompt):
         for batch, groups in captioner.feature_batches(rows, batch_size=len(rows), num_workers=0):
-            for positions, features in groups:
-                for j, captions in zip(positions, captioner.caption_features(features, decode)):
-                    out[batch[j][0]] = captions
+            for j, captions in captioner.caption_groups(groups, decode).items():
+                out[batch[j][0]] = captions
     return out
 
 
@@ -137,9 +136,11 @@ def create_app(model, settings: ServeConfig | None = None, decode: DecodeConfig 
     app.state.batcher, app.state.metrics, app.state.settings, app.state.model = batcher, metrics, settings, state
     app.state.begin_drain = begin_drain
 
+    page_html = resources.files("captioner.serve").joinpath("page.html").read_text(encoding="utf-8")  # read once
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("captioner.serve").joinpath("page.html").read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     @app.get("/healthz", summary="The process answers (always 200 while it runs)")
     def healthz() -> dict:

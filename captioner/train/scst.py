@@ -86,7 +86,7 @@ class ScstStage:
         self.greedy_decode = DecodeConfig(strategy="greedy", max_new_tokens=config.scst_max_tokens)
         self.clip = None
         if config.clip_reward_weight > 0:
-            self.clip = clip_scorer if clip_scorer is not None else _clip_scorer(captioner.config)
+            self.clip = clip_scorer if clip_scorer is not None else _clip_scorer(captioner)
         self.rewards_seen: list[float] = []  # mean reward of each step since the last log
         self.since_validation: list[float] = []  # ... since the last validation
 
@@ -132,11 +132,12 @@ class ScstStage:
         reward = torch.tensor(self.scorer.score([simple_tokenize(t) for t in texts], self.refs, ref_index=rows))
         if self.clip is not None:
             text = self.clip.text_embeddings([self.clip.prompt + t for t in texts])  # (R, D), normalised
-            image = F.normalize(image_features.float().cpu(), dim=-1)
+            image = F.normalize(image_features.float().to(text.device), dim=-1)
             if image.shape[-1] != text.shape[-1]:
                 raise ConfigError(f"the CLIP reward compares image features of {image.shape[-1]} values with text "
                                   f"embeddings of {text.shape[-1]}: the scorer must be the captioner's CLIP")
-            reward = reward + self.config.clip_reward_weight * self.clip.weight * (image * text).sum(-1).clamp_min(0)
+            clip = self.clip.weight * (image * text).sum(-1).clamp_min(0)  # CLIPScore, on the scorer's device
+            reward = reward + self.config.clip_reward_weight * clip.float().cpu()
         return reward
 
     def loss(self, model, features, present, rows: torch.Tensor, *, seed: int) -> torch.Tensor:
@@ -207,15 +208,15 @@ def advantages(reward: torch.Tensor, greedy: torch.Tensor | None = None) -> torc
     return reward - (reward.sum(1, keepdim=True) - reward) / (n - 1)
 
 
-def _clip_scorer(model_config):
-    """CLIPScorer of the captioner's own CLIP (both towers), so the cached image features are its image
-    embeddings. A random tower is refused: its text and image embeddings are unrelated."""
-    from captioner.scoring.clipscore import CLIPScorer
+def _clip_scorer(captioner):
+    """CLIPScorer of the captioner's own CLIP (both towers, on its device), so the cached image features are
+    its image embeddings. A random tower is refused: its text and image embeddings are unrelated."""
+    from captioner.scoring.evaluate import clip_scorer_for
 
-    if "image" not in model_config.modalities:
+    if "image" not in captioner.config.modalities:
         raise ConfigError("the CLIP reward needs an image captioner")
-    if not model_config.clip_pretrained:
-        raise ConfigError("the CLIP reward needs the captioner's CLIP to be pretrained (clip_pretrained): a random "
-                          "tower's text and image embeddings are unrelated")
-    return CLIPScorer.from_open_clip(model_config.clip_model, model_config.clip_pretrained,
-                                     clip_config=model_config.clip_config)
+    scorer, _ = clip_scorer_for(captioner)
+    if scorer is None:
+        raise ConfigError("the CLIP reward needs the captioner's CLIP to be a named pretrained one (clip_pretrained, "
+                          "no clip_config): a random tower's text and image embeddings are unrelated")
+    return scorer
